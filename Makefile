@@ -1,0 +1,51 @@
+# tokenmix — every target works on a fresh clone. `make run` and `make test` set up what they need.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+FMNIST := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
+RUN_ID ?= fmnist-vit_cpu-cutmix-s0
+export HF_HUB_OFFLINE := 1
+export PYTHONDONTWRITEBYTECODE := 1
+export MPLBACKEND := Agg
+
+.PHONY: setup data run test figures clean
+
+setup: $(STAMP) data
+
+# The venv is rebuilt only when pyproject.toml or constraints.txt change.
+$(STAMP): pyproject.toml constraints.txt
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet -c constraints.txt -e '.[dev]'
+	@touch $(STAMP)
+
+# Fashion-MNIST: the Debian package when possible (root + apt), else torchvision's download.
+data: $(STAMP)
+	@if [ -f $(FMNIST) ]; then echo "Fashion-MNIST: $(dir $(FMNIST))"; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	  echo "Fashion-MNIST: installing the Debian package dataset-fashion-mnist"; \
+	  (apt-get install -y -qq dataset-fashion-mnist >/dev/null 2>&1 || \
+	   (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq dataset-fashion-mnist)); \
+	else echo "Fashion-MNIST: downloading with torchvision into data/"; \
+	  $(BIN)/python -c "from tokenmix.data import load_fashion_mnist as f; f('data', True, True); f('data', False, True)"; fi
+
+# The main job: the CPU preset with CutMix on full Fashion-MNIST, through papermill.
+# Re-running it returns the finished record instead of overwriting it (resume=True).
+run: setup
+	@mkdir -p runs/$(RUN_ID)
+	$(BIN)/papermill notebooks/10_train.ipynb runs/$(RUN_ID)/10_train.ipynb -k python3 --cwd $(CURDIR) \
+	  --log-output --progress-bar -p out_dir runs -p run_id $(RUN_ID) -p resume True \
+	  -p method cutmix -p model vit_cpu -p dataset fashion_mnist -p img_size 28 -p train_subset 0 \
+	  -p test_subset 0 -p epochs 10 -p batch_size 128 -p lr 0.002
+	$(BIN)/python -m tokenmix report --runs runs --figures figures
+
+test: setup
+	$(BIN)/python -m pytest
+
+figures: setup
+	$(BIN)/python -m tokenmix report --runs runs --figures figures
+
+clean:
+	rm -rf $(VENV) .pytest_cache build *.egg-info tokenmix.egg-info
+	find . -name __pycache__ -type d -prune -exec rm -rf {} +

@@ -1,0 +1,93 @@
+"""Command line: ``python -m tokenmix train --key value ...`` (the fields of RunConfig).
+
+Examples::
+
+    python -m tokenmix train --method cutmix --epochs 10
+    python -m tokenmix train --method mixup_cutmix --model deit_tiny_patch16_224 --dataset cifar100 --img_size 32
+    torchrun --nproc_per_node=2 -m tokenmix train --method cutmix --run_id ddp_test
+    python -m tokenmix methods          # list methods and their parameters
+    python -m tokenmix models           # list models
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+import typing
+
+from .config import ConfigError, RunConfig
+
+
+def _parse_bool(s: str) -> bool:
+    v = s.strip().lower()
+    if v in ("1", "true", "yes", "y", "on"):
+        return True
+    if v in ("0", "false", "no", "n", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected a boolean (true/false), got {s!r}")
+
+
+def _parse_dict(s: str) -> dict:
+    try:
+        d = json.loads(s)
+    except json.JSONDecodeError as e:
+        raise argparse.ArgumentTypeError(f"expected a JSON object, got {s!r} ({e})") from None
+    if not isinstance(d, dict):
+        raise argparse.ArgumentTypeError(f"expected a JSON object, got {s!r}")
+    return d
+
+
+def config_parser(prog: str = "python -m tokenmix train") -> argparse.ArgumentParser:
+    """An argparse parser with one ``--field`` per RunConfig field (typed; defaults left unset)."""
+    p = argparse.ArgumentParser(prog=prog, description="Train one run (fields of tokenmix.RunConfig).",
+                                argument_default=argparse.SUPPRESS, allow_abbrev=False)
+    hints = typing.get_type_hints(RunConfig)
+    for f in dataclasses.fields(RunConfig):
+        t = hints[f.name]
+        conv = {bool: _parse_bool, dict: _parse_dict}.get(t, t)
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+        p.add_argument(f"--{f.name}", type=conv, metavar=t.__name__.upper(), help=f"default: {default!r}")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    commands = ("train", "methods", "models")
+    if not argv or argv[0] in ("-h", "--help"):
+        print(__doc__)
+        return 0
+    cmd, rest = argv[0], argv[1:]
+    if cmd not in commands:
+        print(f"tokenmix: unknown command {cmd!r}; valid: {', '.join(commands)}", file=sys.stderr)
+        return 2
+    if cmd == "methods":
+        from . import methods
+        for name in methods.available():
+            params = {k: v for k, v in methods.parameters(name).items() if k != "num_classes"}
+            print(f"{name:14s} " + ", ".join(f"{k}={v!r}" for k, v in params.items()))
+        return 0
+    if cmd == "models":
+        from .models import PRESETS, available_models
+        for name, preset in PRESETS.items():
+            print(f"{name:16s} {preset.description}")
+        print(f"... and {len(available_models()) - len(PRESETS)} timm models (vit_*, deit_*)")
+        return 0
+    args = vars(config_parser().parse_args(rest))
+    try:
+        cfg = RunConfig.from_dict(args)
+    except ConfigError as e:
+        print(f"tokenmix: error: {e}", file=sys.stderr)
+        return 2
+    from .engine import train
+    from .runs import RunExistsError
+    try:
+        train(cfg)
+    except RunExistsError as e:
+        print(f"tokenmix: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

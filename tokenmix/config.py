@@ -1,0 +1,168 @@
+"""RunConfig: one flat, typed, validated description of a training run.
+
+The papermill ``parameters`` cell of ``notebooks/10_train.ipynb`` and ``python -m tokenmix train
+--key value`` hold exactly these fields. Unknown keys, wrong types and invalid values raise
+``ConfigError`` naming the valid choices, before any work starts.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import typing
+from dataclasses import dataclass, field
+from typing import Any
+
+
+class ConfigError(ValueError):
+    """An invalid run configuration (the message names the bad value and the valid choices)."""
+
+
+@dataclass
+class RunConfig:
+    """Every setting of a run. Defaults: the CPU preset with CutMix on Fashion-MNIST.
+
+    Mixing parameters are read by the methods that have a parameter of the same name
+    (``tokenmix.methods.parameters(name)``); ``method_kwargs`` passes method-specific extras.
+    """
+
+    # what to train
+    method: str = "cutmix"
+    variant: str = "official"
+    model: str = "vit_cpu"
+    dataset: str = "fashion_mnist"
+    img_size: int = 28
+    patch_size: int = 0  # 0 = the model's default (4 for presets and small timm models)
+    # data
+    data_dir: str = "data"
+    download: bool = True
+    train_subset: int = 0  # 0 = all training images
+    test_subset: int = 0
+    crop_padding: int = -1  # -1 = img_size // 8
+    hflip: bool = True
+    randaugment: str = ""  # e.g. "rand-m9-mstd0.5-inc1"; "" = off
+    num_workers: int = 0
+    # mixing
+    smoothing: float = 0.1
+    mix_prob: float = 1.0
+    mixup_alpha: float = 0.8
+    cutmix_alpha: float = 1.0
+    switch_prob: float = 0.5  # probability of CutMix when Mixup and CutMix are both on (timm)
+    cutmix_snap: str = "pixel"  # "pixel" or "token"
+    method_kwargs: dict = field(default_factory=dict)
+    # optimisation
+    epochs: int = 10
+    batch_size: int = 128  # global batch (split across processes under torchrun)
+    lr: float = 2e-3
+    min_lr: float = 1e-5
+    warmup_epochs: float = 1.0
+    warmup_lr: float = 1e-6
+    weight_decay: float = 0.05
+    drop_path: float = 0.0
+    clip_grad: float = 0.0  # 0 = off
+    # runtime
+    seed: int = 0
+    device: str = "auto"  # auto | cpu | cuda | cuda:N | mps
+    amp: bool = True  # autocast + grad scaling, only on CUDA
+    threads: int = 0  # torch CPU threads; 0 = torch's default
+    eval_every: int = 1
+    out_dir: str = "runs"
+    run_id: str = ""  # "" = <dataset>-<model>-<method>-s<seed>-<timestamp>
+    resume: bool = False  # continue an interrupted run (or return a finished one) with this run_id
+    progress: bool = True  # tqdm bars
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    # -- construction -----------------------------------------------------------------------
+    @classmethod
+    def field_names(cls) -> list[str]:
+        return [f.name for f in dataclasses.fields(cls)]
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "RunConfig":
+        """Build from a dict; unknown keys raise ``ConfigError`` listing the valid keys."""
+        bad = sorted(set(d) - set(cls.field_names()))
+        if bad:
+            raise ConfigError(f"unknown RunConfig key(s) {', '.join(bad)}; valid keys: {', '.join(cls.field_names())}")
+        return cls(**d)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+    def replace(self, **changes: Any) -> "RunConfig":
+        return RunConfig.from_dict({**self.to_dict(), **changes})
+
+    # -- validation ---------------------------------------------------------------------------
+    def validate(self) -> None:
+        hints = typing.get_type_hints(RunConfig)
+        for f in dataclasses.fields(self):
+            v, t = getattr(self, f.name), hints[f.name]
+            if t is float and isinstance(v, int) and not isinstance(v, bool):
+                setattr(self, f.name, float(v))
+                continue
+            if t is int and isinstance(v, float) and v.is_integer():
+                setattr(self, f.name, int(v))
+                continue
+            ok = isinstance(v, t) and not (t in (int, float) and isinstance(v, bool))
+            if not ok:
+                raise ConfigError(f"RunConfig.{f.name} must be {t.__name__}, got {v!r} ({type(v).__name__})")
+        from . import methods
+        from .data import DATASETS
+        from .models import patch_size_for
+
+        def choice(name: str, value: str, valid: typing.Iterable[str]) -> None:
+            valid = list(valid)
+            if value not in valid:
+                raise ConfigError(f"unknown {name} {value!r}; valid: {', '.join(valid)}")
+
+        choice("method", self.method, methods.available())
+        choice("variant", self.variant, methods.method_class(self.method).variants)
+        choice("dataset", self.dataset, DATASETS)
+        choice("cutmix_snap", self.cutmix_snap, ("pixel", "token"))
+        if not (self.device in ("auto", "cpu", "cuda", "mps") or self.device.startswith("cuda:")):
+            raise ConfigError(f"unknown device {self.device!r}; valid: auto, cpu, cuda, cuda:N, mps")
+        try:
+            p = patch_size_for(self.model, self.img_size, self.patch_size or None)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+        if self.img_size <= 0 or self.img_size % p:
+            valid = [s for s in range(max(p, self.img_size - 2 * p), self.img_size + 2 * p + 1) if s % p == 0]
+            raise ConfigError(f"img_size {self.img_size} is not divisible by the patch size {p} of model "
+                              f"{self.model!r}; valid nearby sizes: {', '.join(map(str, valid))}")
+        params = methods.parameters(self.method)
+        bad = sorted(set(self.method_kwargs) - set(params))
+        if bad:
+            raise ConfigError(f"method {self.method!r} has no parameter(s) {', '.join(bad)} in method_kwargs; "
+                              f"valid: {', '.join(k for k in params if k != 'num_classes')}")
+        checks = [
+            ("epochs", self.epochs >= 1, ">= 1"), ("batch_size", self.batch_size >= 2 and self.batch_size % 2 == 0,
+                                                   "even and >= 2 (samples are mixed in pairs)"),
+            ("lr", self.lr > 0, "> 0"), ("min_lr", self.min_lr >= 0, ">= 0"),
+            ("warmup_epochs", 0 <= self.warmup_epochs < self.epochs or self.warmup_epochs == 0, "in [0, epochs)"),
+            ("weight_decay", self.weight_decay >= 0, ">= 0"), ("drop_path", 0 <= self.drop_path < 1, "in [0, 1)"),
+            ("smoothing", 0 <= self.smoothing < 1, "in [0, 1)"), ("mix_prob", 0 <= self.mix_prob <= 1, "in [0, 1]"),
+            ("switch_prob", 0 <= self.switch_prob <= 1, "in [0, 1]"),
+            ("mixup_alpha", self.mixup_alpha > 0, "> 0"), ("cutmix_alpha", self.cutmix_alpha > 0, "> 0"),
+            ("train_subset", self.train_subset >= 0, ">= 0 (0 = all)"), ("test_subset", self.test_subset >= 0, ">= 0"),
+            ("num_workers", self.num_workers >= 0, ">= 0"), ("threads", self.threads >= 0, ">= 0"),
+            ("eval_every", self.eval_every >= 1, ">= 1"), ("clip_grad", self.clip_grad >= 0, ">= 0 (0 = off)"),
+            ("crop_padding", self.crop_padding >= -1, ">= 0, or -1 for img_size // 8"),
+        ]
+        for name, ok, rule in checks:
+            if not ok:
+                raise ConfigError(f"RunConfig.{name} = {getattr(self, name)!r} is invalid: must be {rule}")
+        if self.run_id and any(c in self.run_id for c in "/\\") or self.run_id in (".", ".."):
+            raise ConfigError(f"run_id {self.run_id!r} must be a plain folder name (no '/')")
+
+    def method_params(self, num_classes: int) -> dict[str, Any]:
+        """Constructor arguments for ``methods.get(self.method, ...)``: every config field whose
+        name is a parameter of the method, then ``method_kwargs``."""
+        from . import methods
+        params = methods.parameters(self.method)
+        out: dict[str, Any] = {k: getattr(self, k) for k in params if k in self.field_names()}
+        out["num_classes"] = num_classes
+        out.update(self.method_kwargs)
+        return out

@@ -1,0 +1,407 @@
+"""Training and evaluation: one loop for every method and model.
+
+Device-agnostic (CUDA with AMP when present, else CPU), DDP when started by ``torchrun``
+(DistributedSampler, rank 0 alone logs and writes), AdamW with a per-step cosine schedule and
+linear warmup, a checkpoint written atomically after every epoch, ``resume=True`` continuing an
+interrupted run, and per-epoch reseeding so a resumed CPU run repeats an uninterrupted one.
+The loop never special-cases a method: it calls ``method.prepare_model``, ``method.mix`` and
+``method.loss`` and captures the attention ``method.needs``.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import platform
+import random
+import resource
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import timm
+from timm.optim import param_groups_weight_decay
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+from torch import Tensor
+from torch.utils.data import DataLoader, Dataset, RandomSampler, Sampler
+from torch.utils.data.distributed import DistributedSampler
+from tqdm import tqdm
+
+from . import methods
+from .config import RunConfig
+from .data import build_datasets, num_classes_of
+from .methods import MixMethod, ModelOutputs, Needs
+from .models import AttentionCapture, count_parameters, create_model
+from .runs import (CHECKPOINT, CONFIG, METRICS, SUMMARY, RunExistsError, atomic_torch_save, atomic_write_json,
+                   git_commit, load_run, write_metrics)
+
+EpochCallback = Callable[[int, dict[str, Any]], None]
+#: config fields that may differ when resuming (they do not change the result)
+RESUME_FREE = ("resume", "progress", "num_workers", "threads", "device", "data_dir", "download", "epochs")
+
+
+# ---------------------------------------------------------------------------------------------
+# runtime helpers
+
+@dataclass(frozen=True)
+class DistInfo:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def init_distributed(device_type: str) -> DistInfo:
+    """Join the process group when started by ``torchrun`` (gloo on CPU, nccl on CUDA)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return DistInfo()
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device_type == "cuda" else "gloo")
+    return DistInfo(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))
+
+
+def resolve_device(name: str, local_rank: int = 0) -> torch.device:
+    """``auto`` -> CUDA (the local rank's GPU) when available, else CPU."""
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda":
+        if not torch.cuda.is_available():
+            raise RuntimeError("device 'cuda' requested but CUDA is not available; use device='auto' or 'cpu'")
+        return torch.device("cuda", local_rank)
+    return torch.device(name)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def epoch_seed(seed: int, epoch: int, rank: int) -> int:
+    """The seed of one epoch on one rank (reseeding per epoch makes resumed runs exact)."""
+    return (seed * 1_000_003 + epoch * 1009 + rank * 7919) % 2**31
+
+
+def lr_at(step: int, total_steps: int, warmup_steps: int, lr: float, min_lr: float, warmup_lr: float) -> float:
+    """Linear warmup from ``warmup_lr`` to ``lr`` over ``warmup_steps``, then cosine to ``min_lr``."""
+    if step < warmup_steps:
+        return warmup_lr + (lr - warmup_lr) * step / warmup_steps
+    t = (step - warmup_steps) / max(total_steps - warmup_steps, 1)
+    return min_lr + 0.5 * (lr - min_lr) * (1 + math.cos(math.pi * min(t, 1.0)))
+
+
+class ShardSampler(Sampler[int]):
+    """Indices ``rank, rank + world, ...``: every sample evaluated exactly once across ranks."""
+
+    def __init__(self, n: int, rank: int, world_size: int) -> None:
+        self.indices = list(range(rank, n, world_size))
+
+    def __iter__(self):
+        return iter(self.indices)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+
+
+# ---------------------------------------------------------------------------------------------
+# the forward used for training
+
+class TrainForward(nn.Module):
+    """Wraps a model so one ``forward`` returns what the method needs (DDP wraps this module).
+
+    Returns a dict with ``logits`` (B, K), ``tokens`` (B, T, D) or None, ``attention``
+    {block: map} (captured with :class:`AttentionCapture`, detached).
+    """
+
+    def __init__(self, model: nn.Module, needs: Needs) -> None:
+        super().__init__()
+        self.model, self.needs = model, needs
+
+    def forward(self, x: Tensor) -> dict[str, Any]:
+        n = self.needs
+        cap = (AttentionCapture(self.model, n.attention_blocks, n.attention_reduce)
+               if n.attention_blocks else contextlib.nullcontext())
+        with cap:
+            if n.tokens:
+                tokens = self.model.forward_features(x)
+                logits = self.model.forward_head(tokens)
+            else:
+                tokens, logits = None, self.model(x)
+        attention = cap.all() if n.attention_blocks else {}
+        return {"logits": logits, "tokens": tokens, "attention": attention}
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, loader: DataLoader, device: torch.device, info: DistInfo = DistInfo(),
+             amp: bool = False) -> dict[str, float]:
+    """Top-1 / top-5 accuracy (%) and mean cross-entropy over the whole loader (summed over ranks)."""
+    was_training = model.training
+    model.eval()
+    sums = torch.zeros(4, dtype=torch.float64, device=device)  # loss, top1, top5, n
+    for x, y in loader:
+        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        with torch.autocast(device.type, enabled=amp):
+            logits = model(x).float()
+        k = min(5, logits.shape[1])
+        top = logits.topk(k, dim=1).indices
+        sums += torch.stack([nn.functional.cross_entropy(logits, y, reduction="sum").double(),
+                             (top[:, 0] == y).sum().double(), (top == y[:, None]).any(1).sum().double(),
+                             torch.tensor(float(len(y)), dtype=torch.float64, device=device)])
+    if info.enabled:
+        dist.all_reduce(sums)
+    model.train(was_training)
+    n = max(float(sums[3]), 1.0)
+    return {"test_loss": float(sums[0]) / n, "top1": 100 * float(sums[1]) / n, "top5": 100 * float(sums[2]) / n}
+
+
+# ---------------------------------------------------------------------------------------------
+# run folders
+
+def default_run_id(cfg: RunConfig) -> str:
+    return f"{cfg.dataset}-{cfg.model}-{cfg.method}-s{cfg.seed}-{datetime.now():%Y%m%d-%H%M%S}"
+
+
+def open_run_dir(cfg: RunConfig) -> tuple[Path, str]:
+    """Decide what to do with ``<out_dir>/<run_id>``: "new", "resume" or "done".
+
+    A folder holding a run is never overwritten: without ``resume`` it raises
+    :class:`RunExistsError`; with ``resume`` the stored config must match (up to ``RESUME_FREE``).
+    A folder with no ``config.json`` (e.g. only a papermill notebook) counts as empty.
+    """
+    path = Path(cfg.out_dir) / cfg.run_id
+    if not (path / CONFIG).is_file():
+        return path, "new"
+    run = load_run(path)
+    if not cfg.resume:
+        what = "a finished run" if run.complete else "an unfinished run"
+        raise RunExistsError(f"{path} already holds {what}; pass resume=True to continue or reuse it, "
+                             f"or choose another run_id / out_dir (results are never overwritten)")
+    diff = {k: (run.config.get(k), v) for k, v in cfg.to_dict().items()
+            if k not in RESUME_FREE and run.config.get(k) != v}
+    if diff:
+        raise RunExistsError(f"cannot resume {path}: its config differs in "
+                             + ", ".join(f"{k} (stored {a!r}, now {b!r})" for k, (a, b) in diff.items()))
+    if run.complete and run.summary.get("epochs") == cfg.epochs:
+        return path, "done"
+    return path, "resume"
+
+
+# ---------------------------------------------------------------------------------------------
+# training
+
+def build_method(cfg: RunConfig, num_classes: int) -> MixMethod:
+    return methods.get(cfg.method, **cfg.method_params(num_classes))
+
+
+def train(cfg: RunConfig, callbacks: Sequence[EpochCallback] = ()) -> dict[str, Any]:
+    """Train and evaluate as ``cfg`` says; returns the run's summary (also in ``summary.json``).
+
+    ``callbacks`` are called as ``cb(epoch, record)`` after each epoch's checkpoint is written
+    (an exception raised there interrupts the run like a crash would).
+    """
+    dev_type = "cuda" if cfg.device.startswith("cuda") or (cfg.device == "auto" and torch.cuda.is_available()) else "cpu"
+    dinfo = init_distributed(dev_type)
+    device = resolve_device(cfg.device, dinfo.local_rank)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    if not cfg.run_id:
+        rid = [default_run_id(cfg)]
+        if dinfo.enabled:
+            dist.broadcast_object_list(rid, src=0)
+        cfg = cfg.replace(run_id=rid[0])
+    if cfg.batch_size % (2 * dinfo.world_size):
+        raise ValueError(f"batch_size {cfg.batch_size} must split into even per-process batches over "
+                         f"{dinfo.world_size} processes")
+    run_dir, state = open_run_dir(cfg)
+    if state == "done":
+        if dinfo.is_main:
+            print(f"[tokenmix] {run_dir} is already complete; returning its summary")
+        return load_run(run_dir).summary
+    if dinfo.enabled:
+        dist.barrier()
+    if dinfo.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        if state == "new":
+            atomic_write_json(run_dir / CONFIG, cfg.to_dict())
+
+    seed_everything(cfg.seed)
+    train_ds, test_ds, dinfo_data = build_datasets(
+        cfg.dataset, cfg.img_size, cfg.data_dir, cfg.download, cfg.train_subset, cfg.test_subset,
+        cfg.crop_padding, cfg.hflip, cfg.randaugment)
+    num_classes = num_classes_of(train_ds, dinfo_data)
+    model = create_model(cfg.model, num_classes, cfg.img_size, dinfo_data.in_chans,
+                         patch_size=cfg.patch_size or None, drop_path_rate=cfg.drop_path)
+    method = build_method(cfg, num_classes)
+    model = method.prepare_model(model).to(device)
+    net: nn.Module = TrainForward(model, method.needs)
+    if dinfo.enabled:
+        net = nn.parallel.DistributedDataParallel(
+            net, device_ids=[device.index] if device.type == "cuda" else None,
+            find_unused_parameters=getattr(method, "find_unused_parameters", False))
+
+    per_rank = cfg.batch_size // dinfo.world_size
+    steps_per_epoch = len(train_ds) // cfg.batch_size
+    if steps_per_epoch < 1:
+        raise ValueError(f"the training set ({len(train_ds)} images) is smaller than one batch ({cfg.batch_size})")
+    total_steps, warmup_steps = cfg.epochs * steps_per_epoch, int(cfg.warmup_epochs * steps_per_epoch)
+    param_groups = param_groups_weight_decay(model, cfg.weight_decay, getattr(model, "no_weight_decay", set)())
+    optimizer = torch.optim.AdamW(param_groups, lr=cfg.lr)
+    use_amp = cfg.amp and device.type == "cuda"
+    scaler = torch.amp.GradScaler(device.type, enabled=use_amp)
+    test_loader = DataLoader(test_ds, batch_size=max(per_rank, 256), sampler=ShardSampler(len(test_ds), dinfo.rank, dinfo.world_size),
+                             num_workers=cfg.num_workers, pin_memory=device.type == "cuda")
+
+    start_epoch, history = 0, []
+    if state == "resume" and (run_dir / CHECKPOINT).is_file():
+        ckpt = torch.load(run_dir / CHECKPOINT, map_location=device, weights_only=False)
+        model.load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        scaler.load_state_dict(ckpt["scaler"])
+        start_epoch, history = ckpt["epoch"], ckpt["history"]
+        if dinfo.is_main:
+            print(f"[tokenmix] resuming {run_dir} after epoch {start_epoch}")
+
+    if dinfo.is_main:
+        print(f"[tokenmix] run {cfg.run_id}: {cfg.method} ({cfg.variant}) on {cfg.model} "
+              f"({count_parameters(model) / 1e6:.2f} M params), {cfg.dataset} {cfg.img_size}px, "
+              f"{len(train_ds)} train / {len(test_ds)} test, {cfg.epochs} epochs, batch {cfg.batch_size}, "
+              f"device {device}{' x' + str(dinfo.world_size) if dinfo.enabled else ''}")
+    show_bar = cfg.progress and dinfo.is_main
+    t_run = time.perf_counter()
+    record: dict[str, Any] = {}
+    for epoch in range(start_epoch, cfg.epochs):
+        seed_everything(epoch_seed(cfg.seed, epoch, dinfo.rank))
+        if dinfo.enabled:
+            sampler: Sampler = DistributedSampler(train_ds, dinfo.world_size, dinfo.rank, shuffle=True,
+                                                  seed=cfg.seed, drop_last=True)
+            sampler.set_epoch(epoch)
+        else:
+            sampler = RandomSampler(train_ds, generator=torch.Generator().manual_seed(epoch_seed(cfg.seed, epoch, 0)))
+        loader = DataLoader(train_ds, batch_size=per_rank, sampler=sampler, drop_last=True,
+                            num_workers=cfg.num_workers, pin_memory=device.type == "cuda",
+                            generator=torch.Generator().manual_seed(epoch_seed(cfg.seed, epoch, dinfo.rank)))
+        net.train()
+        t0 = time.perf_counter()
+        sums: dict[str, float] = {}
+        n_steps = 0
+        bar = tqdm(loader, desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=not show_bar, leave=False,
+                   mininterval=1.0 if sys.stderr.isatty() else 30.0, file=sys.stderr)
+        for i, (x, y) in enumerate(bar):
+            step = epoch * steps_per_epoch + i
+            lr = lr_at(step, total_steps, warmup_steps, cfg.lr, cfg.min_lr, cfg.warmup_lr)
+            for g in optimizer.param_groups:
+                g["lr"] = lr
+            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+            mixed = method.mix(x, y)
+            with torch.autocast(device.type, enabled=use_amp):
+                outputs = ModelOutputs(**net(mixed.x))
+                loss, info = method.loss(outputs, mixed)
+            if not torch.isfinite(loss):
+                _fail(run_dir, cfg, dinfo, f"non-finite loss {float(loss.detach())} at epoch {epoch + 1}, step {i}")
+            optimizer.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            if cfg.clip_grad > 0:
+                scaler.unscale_(optimizer)
+                nn.utils.clip_grad_norm_(model.parameters(), cfg.clip_grad)
+            scaler.step(optimizer)
+            scaler.update()
+            n_steps += 1
+            sums["train_loss"] = sums.get("train_loss", 0.0) + float(loss.detach())
+            for k, v in info.items():
+                sums[k] = sums.get(k, 0.0) + float(v)
+            if show_bar and i % 20 == 0:
+                bar.set_postfix(loss=f"{float(loss.detach()):.3f}", lr=f"{lr:.2e}")
+        bar.close()
+        train_time = time.perf_counter() - t0
+        record = {"epoch": epoch + 1, "lr": lr, "train_time": train_time,
+                  "images_per_s": n_steps * cfg.batch_size / max(train_time, 1e-9),
+                  **{k: v / max(n_steps, 1) for k, v in sums.items()}}
+        if (epoch + 1) % cfg.eval_every == 0 or epoch + 1 == cfg.epochs:
+            t1 = time.perf_counter()
+            record.update(evaluate(model, test_loader, device, dinfo, use_amp))
+            record["eval_time"] = time.perf_counter() - t1
+        record["epoch_time"] = time.perf_counter() - t0
+        history.append(record)
+        if dinfo.is_main:
+            atomic_torch_save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                               "scaler": scaler.state_dict(), "epoch": epoch + 1, "history": history,
+                               "config": cfg.to_dict()}, run_dir / CHECKPOINT)
+            write_metrics(run_dir / METRICS, history)
+            acc = f"top1 {record['top1']:.2f}  top5 {record['top5']:.2f}  " if "top1" in record else ""
+            print(f"[tokenmix] epoch {epoch + 1}/{cfg.epochs}  loss {record['train_loss']:.4f}  {acc}"
+                  f"lr {lr:.2e}  {record['epoch_time']:.1f} s ({record['images_per_s']:.0f} img/s)", flush=True)
+        if dinfo.enabled:
+            dist.barrier()
+        for cb in callbacks:
+            cb(epoch + 1, record)
+
+    summary = _summary(cfg, history, model, device, dinfo, time.perf_counter() - t_run)
+    if dinfo.is_main:
+        atomic_write_json(run_dir / SUMMARY, summary)
+        print(f"[tokenmix] done: top1 {summary['final_top1']:.2f} (best {summary['best_top1']:.2f}); "
+              f"record in {run_dir}")
+    return summary
+
+
+def _fail(run_dir: Path, cfg: RunConfig, dinfo: DistInfo, message: str) -> None:
+    if dinfo.is_main:
+        atomic_write_json(run_dir / SUMMARY, {"status": "failed", "error": message, "run_id": cfg.run_id})
+    raise FloatingPointError(f"{message}; the last good checkpoint is kept in {run_dir}")
+
+
+def _summary(cfg: RunConfig, history: list[dict[str, Any]], model: nn.Module, device: torch.device,
+             dinfo: DistInfo, wall: float) -> dict[str, Any]:
+    evals = [r for r in history if "top1" in r]
+    last = evals[-1] if evals else {}
+    return {
+        "status": "complete", "run_id": cfg.run_id, "method": cfg.method, "variant": cfg.variant,
+        "model": cfg.model, "dataset": cfg.dataset, "seed": cfg.seed, "epochs": cfg.epochs,
+        "final_top1": last.get("top1", float("nan")), "final_top5": last.get("top5", float("nan")),
+        "best_top1": max((r["top1"] for r in evals), default=float("nan")),
+        "train_time_s": sum(r["train_time"] for r in history),
+        "total_time_s": sum(r["epoch_time"] for r in history),
+        "time_per_epoch_s": float(np.mean([r["epoch_time"] for r in history])) if history else float("nan"),
+        "images_per_s": float(np.mean([r["images_per_s"] for r in history])) if history else float("nan"),
+        "wall_time_this_session_s": wall, "peak_memory_mb": peak_memory_mb(device),
+        "params": count_parameters(model), "device": str(device), "world_size": dinfo.world_size,
+        "threads": torch.get_num_threads(), "git_commit": git_commit(), "torch": torch.__version__,
+        "timm": timm.__version__, "python": platform.python_version(), "machine": platform.machine(),
+        "cpu_count": os.cpu_count(), "finished_at": datetime.now().isoformat(timespec="seconds"),
+    }
+
+
+def load_model(run_dir: str | Path, map_location: str | torch.device = "cpu") -> tuple[nn.Module, RunConfig]:
+    """Rebuild a run's model from its record and load the checkpoint weights (eval mode)."""
+    run = load_run(run_dir)
+    cfg = RunConfig.from_dict(run.config)
+    from .data import dataset_info
+    info = dataset_info(cfg.dataset)
+    ckpt = torch.load(Path(run_dir) / CHECKPOINT, map_location=map_location, weights_only=False)
+    num_classes = ckpt["model"]["head.weight"].shape[0] if "head.weight" in ckpt["model"] else info.num_classes
+    model = create_model(cfg.model, num_classes, cfg.img_size, info.in_chans, patch_size=cfg.patch_size or None)
+    model = build_method(cfg, num_classes).prepare_model(model)
+    model.load_state_dict(ckpt["model"])
+    return model.eval(), cfg

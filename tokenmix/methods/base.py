@@ -1,0 +1,255 @@
+"""The two-phase method interface shared by every mixing method.
+
+Convention for mixing ratios (used by every module of the package): ``lam`` is the share of the
+**own** sample (timm's convention) and a target is ``lam * y_own + (1 - lam) * y_partner``.
+``partner_mask`` is always the **partner's** share of each token. Methods whose paper uses the
+other convention (TransMix's lambda is the partner share) convert at their boundary.
+
+A method is used in two phases because TransMix, SMMix and TL-Align need the forward pass before
+the target is known::
+
+    method.prepare_model(model)          # once: records the token grid, may wrap blocks
+    mixed = method.mix(x, y)             # before the forward  -> MixedBatch
+    outputs = forward(model, mixed.x)    # ModelOutputs (logits, tokens, requested attention)
+    loss, info = method.loss(outputs, mixed)
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch import Tensor
+
+
+@dataclass(frozen=True)
+class TokenGrid:
+    """Token layout of a patch-based model: ``rows x cols`` tokens, each covering
+    ``patch_h x patch_w`` input pixels (the tokenizer's total stride)."""
+
+    rows: int
+    cols: int
+    patch_h: int
+    patch_w: int
+
+    @property
+    def num_tokens(self) -> int:
+        return self.rows * self.cols
+
+    @property
+    def img_size(self) -> tuple[int, int]:
+        return self.rows * self.patch_h, self.cols * self.patch_w
+
+    @classmethod
+    def from_model(cls, model: nn.Module) -> "TokenGrid":
+        """Read the grid from a timm-style ``model.patch_embed`` (``grid_size``, ``patch_size``)."""
+        pe = getattr(model, "patch_embed", None)
+        if pe is None or not hasattr(pe, "grid_size") or not hasattr(pe, "patch_size"):
+            raise ValueError(
+                f"cannot read a token grid from {type(model).__name__}: it has no "
+                "`patch_embed.grid_size` / `patch_embed.patch_size` (a timm ViT-style model is expected)"
+            )
+        (gh, gw), (ph, pw) = tuple(pe.grid_size), tuple(pe.patch_size)
+        return cls(int(gh), int(gw), int(ph), int(pw))
+
+    @classmethod
+    def for_image(cls, img_size: int | tuple[int, int], patch_size: int | tuple[int, int]) -> "TokenGrid":
+        h, w = (img_size, img_size) if isinstance(img_size, int) else img_size
+        ph, pw = (patch_size, patch_size) if isinstance(patch_size, int) else patch_size
+        if h % ph or w % pw:
+            raise ValueError(f"image size {(h, w)} is not divisible by the patch size {(ph, pw)}")
+        return cls(h // ph, w // pw, ph, pw)
+
+
+@dataclass
+class MixedBatch:
+    """A mixed batch, produced by :meth:`MixMethod.mix` before the forward.
+
+    Attributes:
+        x: (B, C, H, W) mixed images.
+        y: (B,) own class indices (int64).
+        y_partner: (B,) partner class indices (``y[partner_index]``).
+        partner_index: (B,) index of each sample's partner in the batch.
+        partner_mask: (B, N) share of each token (row-major over the token grid) that comes from
+            the partner, in [0, 1]; the one structure every label rule consumes.
+        lam_area: (B,) own (kept) share of the image area, i.e. ``1 - partner_mask.mean(1)``
+            for box and token masks, the Mixup coefficient for Mixup.
+        target: (B, K) the area-based soft target (label smoothing applied per source before
+            mixing). Methods that re-assign labels after the forward replace it in ``loss``.
+        kind: what produced the batch: ``"none"``, ``"mixup"``, ``"cutmix"`` or a method's own mask.
+        extras: method-specific state (boxes, masks, ...).
+    """
+
+    x: Tensor
+    y: Tensor
+    y_partner: Tensor
+    partner_index: Tensor
+    partner_mask: Tensor
+    lam_area: Tensor
+    target: Tensor
+    kind: str = "none"
+    extras: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class ModelOutputs:
+    """What the forward returns to :meth:`MixMethod.loss`.
+
+    Attributes:
+        logits: (B, K).
+        tokens: final normalised tokens (B, T, D) for ViTs (prefix tokens first), or None.
+        attention: block index -> captured attention, reduced as the method asked
+            (see :class:`tokenmix.models.attention.AttentionCapture`).
+        extras: model-side state, e.g. auxiliary logits of model-side methods.
+    """
+
+    logits: Tensor
+    tokens: Tensor | None = None
+    attention: dict[int, Tensor] = field(default_factory=dict)
+    extras: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Needs:
+    """What a method needs from the forward pass.
+
+    Attributes:
+        attention_blocks: block indices whose attention must be captured (negative = from the end).
+        attention_reduce: reduction passed to the capture (``"none"``, ``"head_mean"``, ``"cls"``,
+            ``"query_mean"``).
+        tokens: whether the final tokens are needed.
+    """
+
+    attention_blocks: tuple[int, ...] = ()
+    attention_reduce: str = "head_mean"
+    tokens: bool = False
+
+
+def one_hot(y: Tensor, num_classes: int, smoothing: float = 0.0) -> Tensor:
+    """Smoothed one-hot targets, timm semantics: ``1 - s + s/K`` on the class, ``s/K`` elsewhere.
+
+    Args:
+        y: (B,) class indices.
+    Returns:
+        (B, K) float32.
+    """
+    off = smoothing / num_classes
+    on = 1.0 - smoothing + off
+    out = torch.full((y.shape[0], num_classes), off, device=y.device, dtype=torch.float32)
+    return out.scatter_(1, y.long().view(-1, 1), on)
+
+
+def mix_targets(y: Tensor, y_partner: Tensor, lam: Tensor | float, num_classes: int,
+                smoothing: float = 0.0) -> Tensor:
+    """``lam * onehot(y) + (1 - lam) * onehot(y_partner)``, each smoothed first; lam (B,) or scalar."""
+    lam_t = torch.as_tensor(lam, dtype=torch.float32, device=y.device).reshape(-1, 1)
+    return lam_t * one_hot(y, num_classes, smoothing) + (1 - lam_t) * one_hot(y_partner, num_classes, smoothing)
+
+
+def soft_target_cross_entropy(logits: Tensor, target: Tensor) -> Tensor:
+    """Mean over the batch of ``-sum_k target_k * log_softmax(logits)_k``; logits, target (B, K)."""
+    return torch.sum(-target * F.log_softmax(logits.float(), dim=-1), dim=-1).mean()
+
+
+def flip_pairing(batch_size: int, device: torch.device | None = None) -> Tensor:
+    """Partner of sample i is sample ``B - 1 - i`` (the pairing of all five official codes).
+
+    Raises:
+        ValueError: for an odd or too small batch (a sample would be paired with itself).
+    """
+    if batch_size < 2 or batch_size % 2:
+        raise ValueError(f"mixing pairs sample i with sample B-1-i, so the batch size must be even "
+                         f"and >= 2; got {batch_size}")
+    return torch.arange(batch_size - 1, -1, -1, device=device)
+
+
+class MixMethod:
+    """Base class: the identity method (``none``), with the shared plumbing.
+
+    Subclasses set ``name``, override :meth:`mix` and, when the label depends on the forward,
+    :meth:`loss`. Every constructor argument must be a typed keyword so that the registry can
+    validate parameters by name.
+
+    Args:
+        num_classes: K.
+        smoothing: label smoothing applied to each source label before mixing.
+        variant: ``"official"`` (reproduce the released code) or ``"paper"``.
+        mix_prob: probability that a batch is mixed at all (timm's ``prob``).
+    """
+
+    name: ClassVar[str] = "none"
+    variants: ClassVar[tuple[str, ...]] = ("official", "paper")
+    needs: Needs = Needs()
+
+    def __init__(self, num_classes: int, smoothing: float = 0.1, variant: str = "official",
+                 mix_prob: float = 1.0) -> None:
+        if num_classes < 1:
+            raise ValueError(f"num_classes must be >= 1, got {num_classes}")
+        if not 0.0 <= smoothing < 1.0:
+            raise ValueError(f"smoothing must be in [0, 1), got {smoothing}")
+        if variant not in self.variants:
+            raise ValueError(f"unknown variant {variant!r} for method {self.name!r}; "
+                             f"valid: {', '.join(self.variants)}")
+        if not 0.0 <= mix_prob <= 1.0:
+            raise ValueError(f"mix_prob must be in [0, 1], got {mix_prob}")
+        self.num_classes = num_classes
+        self.smoothing = smoothing
+        self.variant = variant
+        self.mix_prob = mix_prob
+        self.grid: TokenGrid | None = None
+
+    # -- setup -------------------------------------------------------------------------------
+    def prepare_model(self, model: nn.Module) -> nn.Module:
+        """Called once by the engine before training: records the model's token grid.
+        Model-side methods (TokenMixup) also install their block wrappers here, and methods with
+        trainable heads attach them to the model as submodules (so the optimiser, DDP and
+        checkpoints see them)."""
+        self.grid = TokenGrid.from_model(model)
+        return model
+
+    def _require_grid(self, x: Tensor) -> TokenGrid:
+        if self.grid is None:
+            raise RuntimeError(f"method {self.name!r} does not know the token grid: call "
+                               "`method.prepare_model(model)` (or set `method.grid = TokenGrid(...)`) first")
+        if tuple(x.shape[-2:]) != self.grid.img_size:
+            raise ValueError(f"input of size {tuple(x.shape[-2:])} does not match the token grid "
+                             f"{self.grid} (expects {self.grid.img_size})")
+        return self.grid
+
+    # -- phase 1 ------------------------------------------------------------------------------
+    def unmixed(self, x: Tensor, y: Tensor) -> MixedBatch:
+        """The identity mix: own label only, empty partner mask."""
+        grid = self._require_grid(x)
+        b = x.shape[0]
+        idx = torch.arange(b, device=x.device)
+        return MixedBatch(
+            x=x, y=y, y_partner=y, partner_index=idx,
+            partner_mask=x.new_zeros((b, grid.num_tokens), dtype=torch.float32),
+            lam_area=x.new_ones(b, dtype=torch.float32),
+            target=one_hot(y, self.num_classes, self.smoothing), kind="none",
+        )
+
+    def mix(self, x: Tensor, y: Tensor) -> MixedBatch:
+        """Mix a batch. x (B, C, H, W), y (B,) -> :class:`MixedBatch`."""
+        return self.unmixed(x, y)
+
+    def _skip(self) -> bool:
+        """True when this batch is left unmixed (probability ``1 - mix_prob``)."""
+        return self.mix_prob < 1.0 and float(torch.rand(())) >= self.mix_prob
+
+    # -- phase 2 ------------------------------------------------------------------------------
+    def loss(self, outputs: ModelOutputs, mixed: MixedBatch) -> tuple[Tensor, dict[str, float]]:
+        """Soft-target cross-entropy against ``mixed.target``. Returns (loss, info)."""
+        loss = soft_target_cross_entropy(outputs.logits, mixed.target)
+        return loss, {"lam": float(mixed.lam_area.mean())}
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(variant={self.variant!r}, smoothing={self.smoothing})"
+
+
+def entropy(p: Tensor) -> float:
+    """Mean entropy (nats) of the rows of a (B, K) distribution, for logging."""
+    p = p.clamp_min(1e-12)
+    return float(-(p * p.log()).sum(-1).mean())

@@ -1,0 +1,83 @@
+"""Model creation (timm ViT/DeiT families and the named CPU presets) and attention capture."""
+from __future__ import annotations
+
+import re
+from typing import Any
+
+import timm
+import torch.nn as nn
+
+from .attention import AttentionCapture, attention_modules, reduce_attention
+from .vit import PRESETS, ConvStemEmbed, ViTPreset
+
+#: timm families the methods support today (name prefixes).
+TIMM_FAMILIES: tuple[str, ...] = ("vit_", "deit_")
+#: below this image size timm models are built with ``patch_size=4`` unless one is given.
+SMALL_IMAGE: int = 64
+
+
+def available_models() -> list[str]:
+    """The presets plus every timm model of the supported families."""
+    return sorted(PRESETS) + sorted(timm.list_models([f"{p}*" for p in TIMM_FAMILIES]))
+
+
+def _check_name(name: str) -> None:
+    if name in PRESETS:
+        return
+    if name.startswith(TIMM_FAMILIES) and timm.is_model(name):
+        return
+    raise ValueError(
+        f"unknown model {name!r}; valid: the presets {', '.join(sorted(PRESETS))}, or a timm model of "
+        f"the families {', '.join(p + '*' for p in TIMM_FAMILIES)} (e.g. deit_tiny_patch16_224; "
+        f"list them with tokenmix.models.available_models())"
+    )
+
+
+def patch_size_for(name: str, img_size: int, patch_size: int | None = None) -> int:
+    """The (effective) patch size ``create_model`` will use; validates the name."""
+    _check_name(name)
+    if patch_size:
+        return int(patch_size)
+    if name in PRESETS:
+        return PRESETS[name].patch_size
+    if img_size <= SMALL_IMAGE:
+        return 4
+    m = re.search(r"patch(\d+)", name)
+    return int(m.group(1)) if m else 16
+
+
+def create_model(name: str, num_classes: int, img_size: int, in_chans: int = 3, *,
+                 patch_size: int | None = None, drop_path_rate: float = 0.0,
+                 pretrained: bool = False, **kwargs: Any) -> nn.Module:
+    """Create a model by name.
+
+    Args:
+        name: a preset (``vit_cpu``, ...) or a timm ``vit_*`` / ``deit_*`` model name.
+        num_classes, img_size, in_chans: task shape. timm models at ``img_size <= 64`` use
+            ``patch_size=4`` unless one is given (a 32 px image then has an 8x8 token grid).
+        patch_size: override the patch size (the tokenizer's total stride for presets).
+        drop_path_rate: stochastic depth rate.
+        pretrained: timm pretrained weights (needs network access; keep False in tests).
+    Raises:
+        ValueError: unknown name, or ``img_size`` not divisible by the patch size.
+    """
+    p = patch_size_for(name, img_size, patch_size)
+    if img_size % p:
+        valid = [s for s in range(max(p, img_size - 2 * p), img_size + 2 * p + 1) if s % p == 0]
+        raise ValueError(f"img_size {img_size} is not divisible by the patch size {p} of {name!r}; "
+                         f"valid nearby sizes: {', '.join(map(str, valid))}")
+    if name in PRESETS:
+        if pretrained:
+            raise ValueError(f"preset {name!r} has no pretrained weights")
+        return PRESETS[name].build(num_classes, img_size, in_chans, patch_size=p,
+                                   drop_path_rate=drop_path_rate, **kwargs)
+    return timm.create_model(name, pretrained=pretrained, num_classes=num_classes, img_size=img_size,
+                             in_chans=in_chans, patch_size=p, drop_path_rate=drop_path_rate, **kwargs)
+
+
+def count_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+__all__ = ["AttentionCapture", "ConvStemEmbed", "PRESETS", "TIMM_FAMILIES", "ViTPreset", "attention_modules",
+           "available_models", "count_parameters", "create_model", "patch_size_for", "reduce_attention"]

@@ -1,0 +1,126 @@
+"""Capture post-softmax, pre-dropout attention from chosen blocks of a timm model.
+
+All five official codes use the same map: the softmax of the attention logits, detached, taken
+*before* attention dropout. In timm, fused attention (SDPA) never materialises it, so the capture
+switches ``fused_attn`` off on the chosen blocks only, registers a forward pre-hook on their
+``attn_drop`` (whose input is exactly that map), and restores everything on exit.
+
+Example::
+
+    with AttentionCapture(model, blocks=[-1], reduce="cls") as cap:
+        logits = model(x)
+    a = cap[-1]          # (B, N): CLS -> patch attention of the last block, head mean
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Literal
+
+import torch
+import torch.nn as nn
+from torch import Tensor
+
+Reduce = Literal["none", "head_mean", "cls", "query_mean"]
+REDUCTIONS: tuple[str, ...] = ("none", "head_mean", "cls", "query_mean")
+
+
+def attention_modules(model: nn.Module) -> list[nn.Module]:
+    """Attention modules of ``model`` in forward order: every submodule with an ``attn_drop``
+    module and a ``fused_attn`` flag (timm's convention). Raises if there is none."""
+    mods = [m for m in model.modules()
+            if isinstance(getattr(m, "attn_drop", None), nn.Module) and hasattr(m, "fused_attn")]
+    if not mods:
+        raise ValueError(f"{type(model).__name__} has no timm-style attention modules "
+                         "(with `attn_drop` and `fused_attn`); attention cannot be captured")
+    return mods
+
+
+def reduce_attention(attn: Tensor, reduce: str, num_prefix_tokens: int) -> Tensor:
+    """Reduce a (B, H, T, T) attention map (rows = queries, sum to 1).
+
+    Args:
+        attn: (B, H, T, T) with ``T = num_prefix_tokens + N``.
+        reduce: ``"none"`` -> (B, H, T, T); ``"head_mean"`` -> (B, T, T);
+            ``"cls"`` -> (B, N), the head-mean attention of the first prefix (CLS) token on the
+            N patch tokens (CLS->CLS dropped, not renormalised, as TransMix);
+            ``"query_mean"`` -> (B, N), the head-mean attention *received* by each patch token,
+            averaged over the patch queries (SMMix Eq. 6; TokenMixup Eq. 3 for models without CLS).
+        num_prefix_tokens: number of CLS/distillation/register tokens before the patches.
+    """
+    p = num_prefix_tokens
+    if reduce == "none":
+        return attn
+    if reduce == "head_mean":
+        return attn.mean(1)
+    if reduce == "cls":
+        if p < 1:
+            raise ValueError("reduce='cls' needs a model with a class token; use 'query_mean'")
+        return attn[:, :, 0, p:].mean(1)
+    if reduce == "query_mean":
+        return attn[:, :, p:, p:].mean(dim=(1, 2))
+    raise ValueError(f"unknown attention reduction {reduce!r}; valid: {', '.join(REDUCTIONS)}")
+
+
+class AttentionCapture:
+    """Context manager capturing the attention of ``blocks`` during forwards inside it.
+
+    Args:
+        model: a timm model (ViT/DeiT family; see :func:`attention_modules`).
+        blocks: indices into :func:`attention_modules` (negative from the end); ``None`` = all.
+        reduce: see :func:`reduce_attention`.
+        detach: detach the maps (labels must never carry gradient); default True.
+        dtype: dtype of the stored maps (float32 by default, also under autocast).
+
+    After a forward, ``cap[i]`` / ``cap.maps`` hold the latest map of each block, keyed by the
+    index as given. Accessing a block that produced nothing raises ``RuntimeError``. On exit the
+    hooks are removed and every ``fused_attn`` flag is restored.
+    """
+
+    def __init__(self, model: nn.Module, blocks: Sequence[int] | None = (-1,), reduce: Reduce = "head_mean",
+                 detach: bool = True, dtype: torch.dtype = torch.float32) -> None:
+        if reduce not in REDUCTIONS:
+            raise ValueError(f"unknown attention reduction {reduce!r}; valid: {', '.join(REDUCTIONS)}")
+        mods = attention_modules(model)
+        idx = list(range(len(mods))) if blocks is None else list(blocks)
+        for i in idx:
+            if not -len(mods) <= i < len(mods):
+                raise IndexError(f"block {i} out of range: {type(model).__name__} has {len(mods)} attention blocks")
+        self.model, self.blocks, self.reduce, self.detach, self.dtype = model, idx, reduce, detach, dtype
+        self.num_prefix_tokens = int(getattr(model, "num_prefix_tokens", 0))
+        self._targets = {i: mods[i] for i in idx}
+        self._handles: list[torch.utils.hooks.RemovableHandle] = []
+        self._fused: dict[int, bool] = {}
+        self.maps: dict[int, Tensor] = {}
+
+    def _hook(self, key: int):
+        def hook(_module: nn.Module, args: tuple[Tensor, ...]) -> None:
+            a = args[0]
+            if self.detach:
+                a = a.detach()
+            self.maps[key] = reduce_attention(a.to(self.dtype), self.reduce, self.num_prefix_tokens)
+        return hook
+
+    def __enter__(self) -> "AttentionCapture":
+        self.maps = {}
+        for key, mod in self._targets.items():
+            self._fused[key] = mod.fused_attn
+            mod.fused_attn = False
+            self._handles.append(mod.attn_drop.register_forward_pre_hook(self._hook(key)))
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+        for key, mod in self._targets.items():
+            mod.fused_attn = self._fused[key]
+
+    def __getitem__(self, block: int) -> Tensor:
+        if block not in self.maps:
+            raise RuntimeError(f"no attention was captured for block {block} (captured: "
+                               f"{sorted(self.maps) or 'nothing'}); was a forward run inside the context?")
+        return self.maps[block]
+
+    def all(self) -> dict[int, Tensor]:
+        """Every requested block's map; raises if any block captured nothing."""
+        return {b: self[b] for b in self.blocks}

@@ -7,6 +7,7 @@ Examples::
     torchrun --nproc_per_node=2 -m tokenmix train --method cutmix --run_id ddp_test
     python -m tokenmix methods          # list methods and their parameters
     python -m tokenmix models           # list models
+    python -m tokenmix report --runs runs --figures figures   # tables + figures from run records
 """
 from __future__ import annotations
 
@@ -53,7 +54,7 @@ def config_parser(prog: str = "python -m tokenmix train") -> argparse.ArgumentPa
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    commands = ("train", "methods", "models")
+    commands = ("train", "methods", "models", "report")
     if not argv or argv[0] in ("-h", "--help"):
         print(__doc__)
         return 0
@@ -73,6 +74,9 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{name:16s} {preset.description}")
         print(f"... and {len(available_models()) - len(PRESETS)} timm models (vit_*, deit_*)")
         return 0
+    if cmd == "report":
+        from .report import main as report_main
+        return report_main(rest)
     args = vars(config_parser().parse_args(rest))
     try:
         cfg = RunConfig.from_dict(args)

@@ -1,0 +1,125 @@
+"""Engine: schedule, evaluation, run folders, resume equality, run records."""
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+import torch.nn as nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from tokenmix.config import RunConfig
+from tokenmix.engine import evaluate, load_model, lr_at, open_run_dir, train
+from tokenmix.runs import CHECKPOINT, RunExistsError, atomic_write_json, load_run
+
+
+def tiny_cfg(tmp_path, **kw) -> RunConfig:
+    base = dict(dataset="synthetic", img_size=32, train_subset=128, test_subset=64, epochs=2, batch_size=32,
+                out_dir=str(tmp_path), progress=False, warmup_epochs=0.5, seed=3)
+    base.update(kw)
+    return RunConfig(**base)
+
+
+def test_lr_schedule_warmup_then_cosine():
+    total, warm = 100, 10
+    lrs = [lr_at(s, total, warm, 1.0, 0.01, 0.0) for s in range(total + 1)]
+    assert lrs[0] == 0.0 and lrs[5] == pytest.approx(0.5)
+    assert lrs[warm] == pytest.approx(1.0)
+    assert lrs[total] == pytest.approx(0.01)
+    mid = warm + (total - warm) // 2
+    assert lrs[mid] == pytest.approx(0.01 + 0.99 * 0.5, abs=1e-9)
+    assert all(a >= b for a, b in zip(lrs[warm:], lrs[warm + 1:]))  # monotone after warmup
+
+
+def test_evaluate_matches_manual_top1_top5():
+    torch.manual_seed(0)
+    x, y = torch.randn(50, 4), torch.randint(0, 7, (50,))
+    model = nn.Linear(4, 7)
+    res = evaluate(model, DataLoader(TensorDataset(x, y), batch_size=16), torch.device("cpu"))
+    logits = model(x)
+    top5 = logits.topk(5, 1).indices
+    assert res["top1"] == pytest.approx(100 * (logits.argmax(1) == y).float().mean().item())
+    assert res["top5"] == pytest.approx(100 * (top5 == y[:, None]).any(1).float().mean().item())
+    assert res["test_loss"] == pytest.approx(nn.functional.cross_entropy(logits, y).item(), rel=1e-5)
+    assert model.training  # mode restored
+
+
+def test_train_writes_record_and_learns(tmp_path):
+    cfg = tiny_cfg(tmp_path, run_id="rec", epochs=3, train_subset=256, method="none", lr=3e-3)
+    summary = train(cfg)
+    run = load_run(tmp_path / "rec")
+    assert run.complete and summary["status"] == "complete"
+    assert run.config == cfg.to_dict()
+    assert [m["epoch"] for m in run.metrics] == [1, 2, 3]
+    for key in ("train_loss", "top1", "top5", "test_loss", "epoch_time", "images_per_s", "lr"):
+        assert all(math.isfinite(m[key]) for m in run.metrics), key
+    assert summary["final_top1"] == run.metrics[-1]["top1"]
+    assert summary["best_top1"] == max(m["top1"] for m in run.metrics)
+    assert summary["final_top1"] > 30.0  # synthetic colours are learnable; chance is 10 %
+    assert (tmp_path / "rec" / CHECKPOINT).is_file()
+    model, cfg2 = load_model(tmp_path / "rec")
+    assert cfg2 == cfg and not model.training
+
+
+def test_existing_run_is_never_overwritten(tmp_path):
+    cfg = tiny_cfg(tmp_path, run_id="x", epochs=1)
+    first = train(cfg)
+    before = (tmp_path / "x" / "metrics.jsonl").read_bytes()
+    with pytest.raises(RunExistsError, match="resume=True"):
+        train(cfg)
+    assert train(cfg.replace(resume=True)) == first  # finished: returned, not re-run
+    assert (tmp_path / "x" / "metrics.jsonl").read_bytes() == before
+    with pytest.raises(RunExistsError, match="lr"):
+        open_run_dir(cfg.replace(resume=True, lr=1e-4))
+
+
+def test_folder_with_only_a_notebook_counts_as_new(tmp_path):
+    (tmp_path / "nb").mkdir()
+    (tmp_path / "nb" / "10_train.ipynb").write_text("{}")
+    assert open_run_dir(tiny_cfg(tmp_path, run_id="nb"))[1] == "new"
+
+
+def test_resume_after_interruption_equals_uninterrupted(tmp_path):
+    method = "mixup_cutmix"
+    full = train(tiny_cfg(tmp_path, run_id="full", method=method))
+
+    class Crash(RuntimeError):
+        pass
+
+    def crash_after_first(epoch, record):
+        if epoch == 1:
+            raise Crash
+
+    cfg = tiny_cfg(tmp_path, run_id="cut", method=method)
+    with pytest.raises(Crash):
+        train(cfg, callbacks=[crash_after_first])
+    assert len(load_run(tmp_path / "cut").metrics) == 1 and not load_run(tmp_path / "cut").complete
+    with pytest.raises(RunExistsError, match="unfinished"):
+        train(cfg)
+    resumed = train(cfg.replace(resume=True))
+    a, b = load_run(tmp_path / "full").metrics, load_run(tmp_path / "cut").metrics
+    assert len(a) == len(b) == 2
+    for ra, rb in zip(a, b):
+        for key in ("train_loss", "top1", "top5", "test_loss", "lr"):
+            assert ra[key] == pytest.approx(rb[key], rel=1e-6, abs=1e-9), key
+    assert resumed["final_top1"] == pytest.approx(full["final_top1"])
+    wa = torch.load(tmp_path / "full" / CHECKPOINT, weights_only=False)["model"]
+    wb = torch.load(tmp_path / "cut" / CHECKPOINT, weights_only=False)["model"]
+    for k in wa:
+        torch.testing.assert_close(wa[k], wb[k], rtol=1e-6, atol=1e-7)
+
+
+def test_metrics_file_follows_checkpoint_history(tmp_path):
+    cfg = tiny_cfg(tmp_path, run_id="h", epochs=2)
+    train(cfg)
+    hist = torch.load(tmp_path / "h" / CHECKPOINT, weights_only=False)["history"]
+    lines = [json.loads(x) for x in (tmp_path / "h" / "metrics.jsonl").read_text().splitlines()]
+    assert lines == json.loads(json.dumps(hist))
+
+
+def test_resume_rejects_changed_config(tmp_path):
+    atomic_write_json(tmp_path / "r" / "config.json", tiny_cfg(tmp_path, run_id="r").to_dict())
+    with pytest.raises(RunExistsError, match="method"):
+        open_run_dir(tiny_cfg(tmp_path, run_id="r", method="mixup", resume=True))
+    assert open_run_dir(tiny_cfg(tmp_path, run_id="r", resume=True, progress=True))[1] == "resume"

@@ -145,7 +145,11 @@ def load_cifar(data_dir: str | Path, num_classes: int, train: bool, download: bo
 
 def make_synthetic(n: int, num_classes: int = 10, size: int = 32, seed: int = 0) -> tuple[Tensor, Tensor]:
     """Noise images with a square at a random position whose colour encodes the class (so crops
-    and flips keep the label). Returns (n, 3, size, size) uint8 images and (n,) labels."""
+    and flips keep the label). Returns (n, 3, size, size) uint8 images and (n,) labels.
+
+    At most 28 classes: 7 hues x 4 brightness levels above the noise (255, 195, 135, 75)."""
+    if not 1 <= num_classes <= 28:
+        raise ValueError(f"make_synthetic supports 1..28 classes (7 hues x 4 brightness levels), got {num_classes}")
     g = torch.Generator().manual_seed(seed)
     y = torch.randint(0, num_classes, (n,), generator=g)
     x = torch.randint(0, 60, (n, 3, size, size), generator=g, dtype=torch.uint8)
@@ -190,12 +194,14 @@ class TensorTransform:
     def __init__(self, train: bool, mean: tuple[float, ...], std: tuple[float, ...], crop_padding: int = 4,
                  hflip: bool = True, randaugment: str = "") -> None:
         self.train, self.crop_padding, self.hflip = train, crop_padding, hflip
-        self.mean = torch.tensor(mean).view(-1, 1, 1) * 255
-        self.std = torch.tensor(std).view(-1, 1, 1) * 255
+        self.mean = torch.tensor(mean, dtype=torch.float32).view(-1, 1, 1) * 255  # float32 even for numpy stats
+        self.std = torch.tensor(std, dtype=torch.float32).view(-1, 1, 1) * 255
         self.randaugment: Callable | None = None
         if randaugment and train:
             from timm.data.auto_augment import rand_augment_transform
-            self.randaugment = rand_augment_transform(randaugment, {"img_mean": (124, 116, 104)})
+            # fill colour of the geometric ops; a grey ("L") image needs a one-element fill
+            fill = (124, 116, 104) if len(mean) != 1 else (round(255 * mean[0]),)
+            self.randaugment = rand_augment_transform(randaugment, {"img_mean": fill})
 
     def __call__(self, img: Tensor) -> Tensor:
         if self.train:

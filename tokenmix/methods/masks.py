@@ -31,7 +31,9 @@ def rand_bbox(height: int, width: int, lam: float) -> Box:
 
     The sides are ``int(H * sqrt(1 - lam))`` and ``int(W * sqrt(1 - lam))``; the centre is uniform
     over the whole area; the box is ``centre -/+ side // 2`` clipped to the area, so an odd side
-    loses one before clipping (7 -> 6), exactly as timm's ``rand_bbox``.
+    loses one before clipping (7 -> 6), exactly as the ``rand_bbox`` of the timm versions the
+    official TransMix / TL-Align code uses. (Recent timm, e.g. 1.0.31, ends the box at
+    ``centre + (side + 1) // 2`` and keeps odd sides; even sides agree.)
     """
     ratio = (1.0 - lam) ** 0.5
     cut_h, cut_w = int(height * ratio), int(width * ratio)

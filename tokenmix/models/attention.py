@@ -74,6 +74,10 @@ class AttentionCapture:
     After a forward, ``cap[i]`` / ``cap.maps`` hold the latest map of each block, keyed by the
     index as given. Accessing a block that produced nothing raises ``RuntimeError``. On exit the
     hooks are removed and every ``fused_attn`` flag is restored.
+
+    Raises:
+        ValueError: unknown ``reduce``, or ``reduce="cls"`` on a model without a class token.
+        IndexError: a block index out of range.
     """
 
     def __init__(self, model: nn.Module, blocks: Sequence[int] | None = (-1,), reduce: Reduce = "head_mean",
@@ -87,6 +91,9 @@ class AttentionCapture:
                 raise IndexError(f"block {i} out of range: {type(model).__name__} has {len(mods)} attention blocks")
         self.model, self.blocks, self.reduce, self.detach, self.dtype = model, idx, reduce, detach, dtype
         self.num_prefix_tokens = int(getattr(model, "num_prefix_tokens", 0))
+        if reduce == "cls" and (self.num_prefix_tokens < 1 or not getattr(model, "has_class_token", True)):
+            # without a class token the first prefix token would be a register token (or a patch)
+            raise ValueError("reduce='cls' needs a model with a class token; use 'query_mean'")
         self._targets = {i: mods[i] for i in idx}
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
         self._fused: dict[int, bool] = {}
@@ -102,8 +109,9 @@ class AttentionCapture:
 
     def __enter__(self) -> "AttentionCapture":
         self.maps = {}
+        # record every flag before switching any off: two indices may name the same block (-1 and L-1)
+        self._fused = {key: mod.fused_attn for key, mod in self._targets.items()}
         for key, mod in self._targets.items():
-            self._fused[key] = mod.fused_attn
             mod.fused_attn = False
             self._handles.append(mod.attn_drop.register_forward_pre_hook(self._hook(key)))
         return self

@@ -1,0 +1,69 @@
+"""Tables and figures from run records (pure functions of ``runs/<run_id>/`` files).
+
+``python -m tokenmix report --runs runs --figures figures`` (``make figures``) calls :func:`main`,
+which writes ``training_curves.{png,svg}``, ``results.md`` and ``results.csv`` from the complete
+runs. The notebooks show the same functions' figures.
+"""
+from __future__ import annotations
+
+import argparse
+from collections.abc import Sequence
+from pathlib import Path
+
+from ..runs import list_runs
+from .figures import (figure_bytes, plot_curves, run_label, save_figure, show_attention, show_images,
+                      show_mixed_batch, token_map_to_pixels, unnormalize, write_if_changed)
+from .tables import (RESULT_COLUMNS, markdown_table, mixed_targets_table, results_display, results_markdown,
+                     results_table, summary_table)
+
+#: files written by :func:`main` into the figures folder
+OUTPUTS: tuple[str, ...] = ("training_curves.png", "training_curves.svg", "results.md", "results.csv")
+
+
+def write_report(runs_dir: str | Path, figures_dir: str | Path) -> list[Path]:
+    """Write the report files for the complete runs under ``runs_dir``; returns the paths
+    (empty, writing nothing, when there is no complete run). Same records -> same bytes."""
+    import matplotlib.pyplot as plt
+
+    runs = [r for r in list_runs(runs_dir) if r.complete]
+    if not runs:
+        return []
+    out = Path(figures_dir)
+    fig = plot_curves(runs)
+    try:
+        paths = save_figure(fig, out / "training_curves")
+    finally:
+        plt.close(fig)
+    df = results_table(runs)
+    write_if_changed(out / "results.csv", df.to_csv(index=False, float_format="%.4f", lineterminator="\n").encode())
+    write_if_changed(out / "results.md", results_markdown(df).encode())
+    return paths + [out / "results.md", out / "results.csv"]
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m tokenmix report [--runs DIR] [--figures DIR]``; returns the exit code."""
+    p = argparse.ArgumentParser(prog="python -m tokenmix report",
+                                description="Figures and results tables from the run records.")
+    p.add_argument("--runs", default="runs", metavar="DIR", help="folder of run records (default: runs)")
+    p.add_argument("--figures", default="figures", metavar="DIR", help="output folder (default: figures)")
+    args = p.parse_args(None if argv is None else list(argv))
+    all_runs = list_runs(args.runs)
+    n_complete = sum(r.complete for r in all_runs)
+    if not n_complete:
+        what = (f"{len(all_runs)} run record(s) in {args.runs}/, none complete" if all_runs
+                else f"no run records in {args.runs}/")
+        print(f"tokenmix report: {what}; nothing written. Train a run first, e.g. `make run` or "
+              f"`python -m tokenmix train --out_dir {args.runs}`.")
+        return 0
+    paths = write_report(args.runs, args.figures)
+    skipped = len(all_runs) - n_complete
+    print(f"tokenmix report: {n_complete} complete run(s)"
+          + (f" ({skipped} unfinished or failed skipped)" if skipped else "") + "; wrote "
+          + ", ".join(str(p) for p in paths))
+    return 0
+
+
+__all__ = ["OUTPUTS", "RESULT_COLUMNS", "figure_bytes", "main", "markdown_table", "mixed_targets_table",
+           "plot_curves", "results_display", "results_markdown", "results_table", "run_label", "save_figure",
+           "show_attention", "show_images", "show_mixed_batch", "summary_table", "token_map_to_pixels",
+           "unnormalize", "write_if_changed", "write_report"]

@@ -37,14 +37,14 @@ run: setup
 	$(BIN)/papermill notebooks/10_train.ipynb runs/$(RUN_ID)/10_train.ipynb -k python3 --cwd $(CURDIR) \
 	  --log-output --progress-bar -p out_dir runs -p run_id $(RUN_ID) -p resume True \
 	  -p method cutmix -p model vit_cpu -p dataset fashion_mnist -p img_size 28 -p train_subset 0 \
-	  -p test_subset 0 -p epochs 10 -p batch_size 128 -p lr 0.002
-	$(BIN)/python -m tokenmix report --runs runs --figures figures
+	  -p test_subset 0 -p epochs 10 -p batch_size 64 -p lr 0.002 -p warmup_epochs 1.0 -p progress True
+	$(BIN)/python -m tokenmix report --runs runs --figures figures --readme README.md
 
 test: setup
 	$(BIN)/python -m pytest
 
 figures: setup
-	$(BIN)/python -m tokenmix report --runs runs --figures figures
+	$(BIN)/python -m tokenmix report --runs runs --figures figures --readme README.md
 
 clean:
 	rm -rf $(VENV) .pytest_cache build *.egg-info tokenmix.egg-info

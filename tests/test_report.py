@@ -283,3 +283,16 @@ def test_summary_table():
     tab = summary_table({"final_top1": 71.23456, "run_id": "r", "git_commit": "abc", "epochs": 2})
     assert list(tab.index) == ["run_id", "epochs", "final_top1"]  # known keys, in a fixed order
     assert tab.loc["final_top1", "value"] == 71.23
+
+
+def test_update_readme_replaces_only_the_marked_block(tmp_path):
+    from tokenmix.report import README_END, README_START, update_readme
+    readme = tmp_path / "README.md"
+    readme.write_text(f"# t\n\nbefore\n{README_START}\nold table\n{README_END}\nafter\n")
+    assert update_readme(readme, "| a |\n|---|\n| 1 |\n")
+    text = readme.read_text()
+    assert text == f"# t\n\nbefore\n{README_START}\n| a |\n|---|\n| 1 |\n{README_END}\nafter\n"
+    assert not update_readme(readme, "| a |\n|---|\n| 1 |")  # unchanged -> not rewritten
+    readme.write_text("no markers\n")
+    with pytest.raises(ValueError, match="results:start"):
+        update_readme(readme, "x")

@@ -333,7 +333,7 @@ def train(cfg: RunConfig, callbacks: Sequence[EpochCallback] = ()) -> dict[str, 
             for k, v in info.items():
                 sums[k] = sums.get(k, 0.0) + float(v)
             if show_bar and i % 20 == 0:
-                bar.set_postfix(loss=f"{float(loss.detach()):.3f}", lr=f"{lr:.2e}")
+                bar.set_postfix(loss=f"{float(loss.detach()):.3f}", lr=f"{lr:.2e}", refresh=False)
         bar.close()
         train_time = time.perf_counter() - t0
         record = {"epoch": epoch + 1, "lr": lr, "train_time": train_time,

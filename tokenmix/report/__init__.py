@@ -40,12 +40,33 @@ def write_report(runs_dir: str | Path, figures_dir: str | Path) -> list[Path]:
     return paths + [out / "results.md", out / "results.csv"]
 
 
+README_START, README_END = "<!-- results:start -->", "<!-- results:end -->"
+
+
+def update_readme(readme: str | Path, markdown: str) -> bool:
+    """Replace the text between the ``<!-- results:start -->`` / ``<!-- results:end -->`` markers
+    of ``readme`` with ``markdown``; returns True when the file changed.
+
+    Raises:
+        ValueError: the markers are missing or out of order.
+    """
+    path = Path(readme)
+    text = path.read_text()
+    i, j = text.find(README_START), text.find(README_END)
+    if i < 0 or j < i:
+        raise ValueError(f"{path} has no '{README_START}' ... '{README_END}' block to fill")
+    new = text[:i + len(README_START)] + "\n" + markdown.strip() + "\n" + text[j:]
+    return write_if_changed(path, new.encode())
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """``python -m tokenmix report [--runs DIR] [--figures DIR]``; returns the exit code."""
     p = argparse.ArgumentParser(prog="python -m tokenmix report",
                                 description="Figures and results tables from the run records.")
     p.add_argument("--runs", default="runs", metavar="DIR", help="folder of run records (default: runs)")
     p.add_argument("--figures", default="figures", metavar="DIR", help="output folder (default: figures)")
+    p.add_argument("--readme", default=None, metavar="FILE",
+                   help="also paste the results table between the results markers of FILE (e.g. README.md)")
     args = p.parse_args(None if argv is None else list(argv))
     all_runs = list_runs(args.runs)
     n_complete = sum(r.complete for r in all_runs)
@@ -56,6 +77,11 @@ def main(argv: Sequence[str] | None = None) -> int:
               f"`python -m tokenmix train --out_dir {args.runs}`.")
         return 0
     paths = write_report(args.runs, args.figures)
+    if args.readme:
+        md = (Path(args.figures) / "results.md").read_text()
+        md = md.split("\n", 1)[1].lstrip("\n") if md.startswith("# ") else md  # drop the file's own title
+        if update_readme(args.readme, md):
+            paths.append(Path(args.readme))
     skipped = len(all_runs) - n_complete
     print(f"tokenmix report: {n_complete} complete run(s)"
           + (f" ({skipped} unfinished or failed skipped)" if skipped else "") + "; wrote "
@@ -66,4 +92,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 __all__ = ["OUTPUTS", "RESULT_COLUMNS", "figure_bytes", "main", "markdown_table", "mixed_targets_table",
            "plot_curves", "results_display", "results_markdown", "results_table", "run_label", "save_figure",
            "show_attention", "show_images", "show_mixed_batch", "summary_table", "token_map_to_pixels",
-           "unnormalize", "write_if_changed", "write_report"]
+           "unnormalize", "update_readme", "write_if_changed", "write_report"]

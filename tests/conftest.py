@@ -6,8 +6,7 @@ import random
 import sys
 from pathlib import Path
 
-os.environ["HF_HUB_OFFLINE"] = "1"
-os.environ["MPLBACKEND"] = "Agg"
+# environment for every test (offline hub, headless plots, subprocess temp folder): ../conftest.py
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # the package need not be pip-installed to be tested

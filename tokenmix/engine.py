@@ -39,6 +39,7 @@ from .config import RunConfig
 from .data import build_datasets, num_classes_of
 from .methods import MixMethod, ModelOutputs, Needs
 from .models import AttentionCapture, count_parameters, create_model
+from .models.attention import QKCapture
 from .runs import (CHECKPOINT, CONFIG, METRICS, SUMMARY, RunExistsError, atomic_torch_save, atomic_write_json,
                    git_commit, load_run, write_metrics)
 
@@ -131,7 +132,8 @@ class TrainForward(nn.Module):
     """Wraps a model so one ``forward`` returns what the method needs (DDP wraps this module).
 
     Returns a dict with ``logits`` (B, K), ``tokens`` (B, T, D) or None, ``attention``
-    {block: map} (captured with :class:`AttentionCapture`, detached).
+    {block: map} (captured with :class:`AttentionCapture`, detached) and ``qk`` (per block
+    ``(q, k, scale)``, captured with :class:`QKCapture`, when ``needs.qk``).
     """
 
     def __init__(self, model: nn.Module, needs: Needs) -> None:
@@ -140,16 +142,17 @@ class TrainForward(nn.Module):
 
     def forward(self, x: Tensor) -> dict[str, Any]:
         n = self.needs
-        cap = (AttentionCapture(self.model, n.attention_blocks, n.attention_reduce)
-               if n.attention_blocks else contextlib.nullcontext())
-        with cap:
+        with contextlib.ExitStack() as stack:
+            cap = (stack.enter_context(AttentionCapture(self.model, n.attention_blocks, n.attention_reduce))
+                   if n.attention_blocks else None)
+            qk = stack.enter_context(QKCapture(self.model)) if n.qk else None
             if n.tokens:
                 tokens = self.model.forward_features(x)
                 logits = self.model.forward_head(tokens)
             else:
                 tokens, logits = None, self.model(x)
-        attention = cap.all() if n.attention_blocks else {}
-        return {"logits": logits, "tokens": tokens, "attention": attention}
+        return {"logits": logits, "tokens": tokens, "attention": cap.all() if cap else {},
+                "qk": qk.all() if qk else []}
 
 
 @torch.no_grad()

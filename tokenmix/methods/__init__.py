@@ -2,7 +2,7 @@
 
 >>> from tokenmix import methods
 >>> methods.available()
-['cutmix', 'mixup', 'mixup_cutmix', 'none']
+['cutmix', 'mixup', 'mixup_cutmix', 'none', 'tl_align', 'transmix']
 >>> m = methods.get("cutmix", num_classes=10, cutmix_alpha=1.0)
 """
 from __future__ import annotations
@@ -12,6 +12,8 @@ from typing import Any
 
 from .base import MixedBatch, MixMethod, ModelOutputs, Needs, TokenGrid, one_hot, soft_target_cross_entropy
 from .baselines import CutMix, Mixup, MixupCutMix
+from .tlalign import TLAlign
+from .transmix import TransMix
 
 _REGISTRY: dict[str, type[MixMethod]] = {}
 
@@ -24,7 +26,7 @@ def register(cls: type[MixMethod]) -> type[MixMethod]:
     return cls
 
 
-for _cls in (MixMethod, Mixup, CutMix, MixupCutMix):
+for _cls in (MixMethod, Mixup, CutMix, MixupCutMix, TransMix, TLAlign):
     register(_cls)
 
 
@@ -59,5 +61,5 @@ def get(name: str, **params: Any) -> MixMethod:
 
 
 __all__ = ["MixMethod", "MixedBatch", "ModelOutputs", "Needs", "TokenGrid", "Mixup", "CutMix",
-           "MixupCutMix", "available", "get", "method_class", "parameters", "register", "one_hot",
+           "MixupCutMix", "TLAlign", "TransMix", "available", "get", "method_class", "parameters", "register", "one_hot",
            "soft_target_cross_entropy"]

@@ -102,12 +102,14 @@ class ModelOutputs:
         tokens: final normalised tokens (B, T, D) for ViTs (prefix tokens first), or None.
         attention: block index -> captured attention, reduced as the method asked
             (see :class:`tokenmix.models.attention.AttentionCapture`).
+        qk: per block ``(q, k, scale)`` with q, k (B, H, T, d) detached, when ``needs.qk``.
         extras: model-side state, e.g. auxiliary logits of model-side methods.
     """
 
     logits: Tensor
     tokens: Tensor | None = None
     attention: dict[int, Tensor] = field(default_factory=dict)
+    qk: list[tuple[Tensor, Tensor, float]] = field(default_factory=list)
     extras: dict[str, Any] = field(default_factory=dict)
 
 
@@ -120,11 +122,15 @@ class Needs:
         attention_reduce: reduction passed to the capture (``"none"``, ``"head_mean"``, ``"cls"``,
             ``"query_mean"``).
         tokens: whether the final tokens are needed.
+        qk: capture the queries and keys of every block (fused attention stays on), for rules that
+            apply each block's attention to small per-token values (TL-Align); they arrive in
+            ``ModelOutputs.qk`` as ``[(q, k, scale), ...]``.
     """
 
     attention_blocks: tuple[int, ...] = ()
     attention_reduce: str = "head_mean"
     tokens: bool = False
+    qk: bool = False
 
 
 def one_hot(y: Tensor, num_classes: int, smoothing: float = 0.0) -> Tensor:

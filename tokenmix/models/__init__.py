@@ -7,7 +7,8 @@ from typing import Any
 import timm
 import torch.nn as nn
 
-from .attention import AttentionCapture, attention_modules, reduce_attention
+from .attention import (AttentionCapture, QKCapture, attention_apply, attention_from_qk, attention_modules,
+                        reduce_attention)
 from .vit import PRESETS, ConvStemEmbed, ViTPreset
 
 #: timm families the methods support today (name prefixes).
@@ -79,5 +80,5 @@ def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-__all__ = ["AttentionCapture", "ConvStemEmbed", "PRESETS", "TIMM_FAMILIES", "ViTPreset", "attention_modules",
+__all__ = ["AttentionCapture", "QKCapture", "attention_apply", "attention_from_qk", "ConvStemEmbed", "PRESETS", "TIMM_FAMILIES", "ViTPreset", "attention_modules",
            "available_models", "count_parameters", "create_model", "patch_size_for", "reduce_attention"]

@@ -132,3 +132,80 @@ class AttentionCapture:
     def all(self) -> dict[int, Tensor]:
         """Every requested block's map; raises if any block captured nothing."""
         return {b: self[b] for b in self.blocks}
+
+
+class QKCapture:
+    """Context manager capturing the queries and keys of ``blocks`` (after timm's ``q_norm`` /
+    ``k_norm``), with fused attention left **on**.
+
+    For label rules that need ``A @ v`` for some small ``v`` at every block (TL-Align), this is
+    cheaper than materialising the attention maps: :func:`attention_apply` then runs one no-grad
+    SDPA per block with the stored q, k. Forward hooks on ``attn.q_norm`` / ``attn.k_norm``
+    (modules timm calls on both the fused and the unfused path) see exactly the q, k of the
+    forward, shaped (B, H, T, d).
+
+    After a forward, ``cap.qk[i] = (q, k)`` (detached) and ``cap.scale[i]`` hold block i's data.
+    """
+
+    def __init__(self, model: nn.Module, blocks: Sequence[int] | None = None) -> None:
+        mods = attention_modules(model)
+        for m in mods:
+            if not (isinstance(getattr(m, "q_norm", None), nn.Module) and isinstance(getattr(m, "k_norm", None), nn.Module)):
+                raise ValueError(f"{type(m).__name__} has no q_norm/k_norm modules; queries and keys cannot be captured")
+        idx = list(range(len(mods))) if blocks is None else [b % len(mods) for b in blocks]
+        self.blocks, self.num_prefix_tokens = idx, int(getattr(model, "num_prefix_tokens", 0))
+        self._targets = {i: mods[i] for i in idx}
+        self._handles: list[torch.utils.hooks.RemovableHandle] = []
+        self.qk: dict[int, tuple[Tensor, Tensor]] = {}
+        self.scale: dict[int, float] = {i: float(getattr(m, "scale", m.head_dim ** -0.5)) for i, m in self._targets.items()}
+        self._q: dict[int, Tensor] = {}
+
+    def __enter__(self) -> "QKCapture":
+        self.qk, self._q = {}, {}
+
+        def q_hook(i: int):
+            def hook(_m: nn.Module, _a: tuple, out: Tensor) -> None:
+                self._q[i] = out.detach()
+            return hook
+
+        def k_hook(i: int):
+            def hook(_m: nn.Module, _a: tuple, out: Tensor) -> None:
+                self.qk[i] = (self._q.pop(i), out.detach())
+            return hook
+
+        for i, mod in self._targets.items():
+            self._handles.append(mod.q_norm.register_forward_hook(q_hook(i)))
+            self._handles.append(mod.k_norm.register_forward_hook(k_hook(i)))
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+
+    def all(self) -> list[tuple[Tensor, Tensor, float]]:
+        """``[(q, k, scale), ...]`` in block order; raises if a block captured nothing."""
+        missing = [i for i in self.blocks if i not in self.qk]
+        if missing:
+            raise RuntimeError(f"no queries/keys were captured for blocks {missing}; was a forward run inside the context?")
+        return [(*self.qk[i], self.scale[i]) for i in self.blocks]
+
+
+def attention_from_qk(q: Tensor, k: Tensor, scale: float) -> Tensor:
+    """softmax(q k^T * scale): (B, H, T, d) x2 -> (B, H, T, T), in float32."""
+    return ((q.float() * scale) @ k.float().transpose(-2, -1)).softmax(-1)
+
+
+def attention_apply(q: Tensor, k: Tensor, v: Tensor, scale: float) -> Tensor:
+    """Head-mean attention applied to per-token values without materialising the map.
+
+    Args:
+        q, k: (B, H, T, d) queries and keys.
+        v: (B, T, C) values shared by all heads (e.g. token labels).
+    Returns:
+        (B, T, C) = mean_h softmax(q_h k_h^T * scale) @ v, in float32.
+    """
+    b, h = q.shape[:2]
+    vv = v.float().unsqueeze(1).expand(b, h, *v.shape[1:])
+    out = torch.nn.functional.scaled_dot_product_attention(q.float(), k.float(), vv, scale=scale)
+    return out.mean(1)

@@ -1,0 +1,103 @@
+"""TransMix: the CutMix label re-weighted by the last block's class attention.
+
+Paper: Chen et al., "TransMix: Attend to Mix for Vision Transformers", CVPR 2022
+(https://arxiv.org/abs/2111.09833). Official code: https://github.com/Beckschen/TransMix
+(``transmix.py`` + a vendored timm ViT returning the last block's attention).
+
+Rule (after the forward on the *mixed* batch; no extra forward): with a_t the head-mean,
+post-softmax, pre-dropout, detached attention of the CLS query on patch token t in the last block
+(CLS->CLS dropped, not renormalised) and m_t the partner's share of token t,
+
+    lam_attn = sum_t a_t m_t / sum_t a_t      (the partner's attention share)
+
+and the target is ``(1 - lam_p) y_own + lam_p y_partner`` (each smoothed first) with
+
+- ``variant="official"``: lam_p = (lam_area_partner + lam_attn) / 2, the average the released
+  code uses (issue #7: "the mean of both methods"), where m_t is the *nearest* downsampling of the
+  pixel box: token t counts as pasted iff its top-left pixel lies in the box;
+- ``variant="paper"``: lam_p = lam_attn, with the area-weighted ``partner_mask``.
+
+Models without a CLS token use the attention *received* by each patch token averaged over the
+patch queries (``reduce="query_mean"``) in place of the CLS row.
+
+Composition: the input mixing is timm's Mixup/CutMix switch (``switch_prob`` = probability of
+CutMix; the official DeiT-S recipe's effective value is 0.5, see the reference §3.3); Mixup and
+unmixed batches keep their area target. Any other mask works: the rule reads ``partner_mask``
+(and, for ``official``, the box in ``extras["box"]`` when there is one; a mask without a box is
+taken as already token-aligned and rounded to 0/1).
+
+Deviations from the official code: the attention comes from timm's own blocks through
+:class:`~tokenmix.models.attention.AttentionCapture` (no vendored model file); the RNG is torch's.
+Note lam here is converted at the boundary: the package's ``lam`` is the own share.
+"""
+from __future__ import annotations
+
+from typing import ClassVar
+
+import torch
+import torch.nn as nn
+from torch import Tensor
+
+from .base import MixedBatch, MixMethod, ModelOutputs, Needs, TokenGrid, mix_targets, soft_target_cross_entropy
+from .baselines import MixupCutMix
+
+
+def attention_partner_share(attn: Tensor, partner_mask: Tensor, eps: float = 1e-12) -> Tensor:
+    """lam_attn = sum_t a_t m_t / sum_t a_t. attn, partner_mask (B, N) -> (B,)."""
+    a = attn.float()
+    return (a * partner_mask.float()).sum(1) / a.sum(1).clamp_min(eps)
+
+
+def nearest_partner_mask(mixed: MixedBatch, grid: TokenGrid) -> Tensor:
+    """The official nearest downsampling: token (r, c) is pasted iff pixel (r*ph, c*pw) lies in the
+    box. Without a box (token-aligned masks) the partner mask rounded to {0, 1}. -> (B, N)."""
+    box = mixed.extras.get("box")
+    if box is None:
+        return (mixed.partner_mask >= 0.5).float()
+    top, bottom, left, right = box
+    ys = torch.arange(grid.rows, device=mixed.partner_mask.device) * grid.patch_h
+    xs = torch.arange(grid.cols, device=mixed.partner_mask.device) * grid.patch_w
+    inside = ((ys >= top) & (ys < bottom))[:, None] & ((xs >= left) & (xs < right))[None, :]
+    return inside.reshape(1, -1).float().expand_as(mixed.partner_mask)
+
+
+class TransMix(MixMethod):
+    """TransMix on top of the Mixup/CutMix switch (see the module docstring)."""
+
+    name: ClassVar[str] = "transmix"
+
+    def __init__(self, num_classes: int, smoothing: float = 0.1, variant: str = "official",
+                 mix_prob: float = 1.0, mixup_alpha: float = 0.8, cutmix_alpha: float = 1.0,
+                 switch_prob: float = 0.5, cutmix_snap: str = "pixel") -> None:
+        super().__init__(num_classes, smoothing, variant, mix_prob)
+        self.mixer = MixupCutMix(num_classes, smoothing, variant, mix_prob, mixup_alpha, cutmix_alpha,
+                                 switch_prob, cutmix_snap)
+        self.needs = Needs(attention_blocks=(-1,), attention_reduce="cls")
+
+    def prepare_model(self, model: nn.Module) -> nn.Module:
+        model = super().prepare_model(model)
+        self.mixer.grid = self.grid
+        has_cls = int(getattr(model, "num_prefix_tokens", 0)) > 0 and getattr(model, "has_class_token", True)
+        self.needs = Needs(attention_blocks=(-1,), attention_reduce="cls" if has_cls else "query_mean")
+        return model
+
+    def mix(self, x: Tensor, y: Tensor) -> MixedBatch:
+        self._require_grid(x)
+        return self.mixer.mix(x, y)
+
+    def partner_share(self, attn: Tensor, mixed: MixedBatch) -> Tensor:
+        """The partner's share of the target, (B,), for a box/mask batch and attention (B, N)."""
+        if self.variant == "paper":
+            return attention_partner_share(attn, mixed.partner_mask)
+        assert self.grid is not None
+        lam_attn = attention_partner_share(attn, nearest_partner_mask(mixed, self.grid))
+        return 0.5 * ((1.0 - mixed.lam_area) + lam_attn)
+
+    def loss(self, outputs: ModelOutputs, mixed: MixedBatch) -> tuple[Tensor, dict[str, float]]:
+        if mixed.kind in ("none", "mixup"):
+            return super().loss(outputs, mixed)
+        lam_p = self.partner_share(outputs.attention[-1].detach(), mixed)  # (B,)
+        target = mix_targets(mixed.y, mixed.y_partner, 1.0 - lam_p, self.num_classes, self.smoothing)
+        mixed.target = target
+        loss = soft_target_cross_entropy(outputs.logits, target)
+        return loss, {"lam": float(mixed.lam_area.mean()), "lam_transmix": float(1.0 - lam_p.mean())}

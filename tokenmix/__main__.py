@@ -8,6 +8,7 @@ Examples::
     python -m tokenmix methods          # list methods and their parameters
     python -m tokenmix models           # list models
     python -m tokenmix report --runs runs --figures figures   # tables + figures from run records
+    python -m tokenmix bench --methods transmix,tl_align,tl_align:path=kdim   # step time vs CutMix
 """
 from __future__ import annotations
 
@@ -52,9 +53,35 @@ def config_parser(prog: str = "python -m tokenmix train") -> argparse.ArgumentPa
     return p
 
 
+def _bench(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(prog="python -m tokenmix bench",
+                                description="Median training-step time of methods relative to CutMix (one process, interleaved).")
+    p.add_argument("--methods", default="transmix,tl_align,tl_align:path=kdim",
+                   help="comma-separated specs; parameters after ':' joined by ',' are not allowed here, use ';' "
+                        "between specs to pass them, e.g. 'transmix;tl_align:path=kdim,variant=paper'")
+    p.add_argument("--model", default="vit_cpu")
+    p.add_argument("--img_size", type=int, default=28)
+    p.add_argument("--in_chans", type=int, default=1)
+    p.add_argument("--batch_size", type=int, default=64)
+    p.add_argument("--repeats", type=int, default=30)
+    p.add_argument("--warmup", type=int, default=5)
+    args = p.parse_args(argv)
+    from .bench import format_results, step_time_ratios
+    sep = ";" if ";" in args.methods else ","
+    specs = [s.strip() for s in args.methods.split(sep) if s.strip()]
+    try:
+        res = step_time_ratios(specs, model=args.model, img_size=args.img_size, in_chans=args.in_chans,
+                               batch_size=args.batch_size, warmup=args.warmup, repeats=args.repeats)
+    except ValueError as e:
+        print(f"tokenmix: error: {e}", file=sys.stderr)
+        return 2
+    print(format_results(res))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    commands = ("train", "methods", "models", "report")
+    commands = ("train", "methods", "models", "report", "bench")
     if not argv or argv[0] in ("-h", "--help"):
         print(__doc__)
         return 0
@@ -74,6 +101,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{name:16s} {preset.description}")
         print(f"... and {len(available_models()) - len(PRESETS)} timm models (vit_*, deit_*)")
         return 0
+    if cmd == "bench":
+        return _bench(rest)
     if cmd == "report":
         from .report import main as report_main
         return report_main(rest)

@@ -145,7 +145,8 @@ class TrainForward(nn.Module):
         with contextlib.ExitStack() as stack:
             cap = (stack.enter_context(AttentionCapture(self.model, n.attention_blocks, n.attention_reduce))
                    if n.attention_blocks else None)
-            qk = stack.enter_context(QKCapture(self.model)) if n.qk else None
+            qk = (stack.enter_context(QKCapture(self.model, None if n.qk is True else n.qk))
+                  if n.qk else None)
             if n.tokens:
                 tokens = self.model.forward_features(x)
                 logits = self.model.forward_head(tokens)

@@ -122,15 +122,16 @@ class Needs:
         attention_reduce: reduction passed to the capture (``"none"``, ``"head_mean"``, ``"cls"``,
             ``"query_mean"``).
         tokens: whether the final tokens are needed.
-        qk: capture the queries and keys of every block (fused attention stays on), for rules that
-            apply each block's attention to small per-token values (TL-Align); they arrive in
-            ``ModelOutputs.qk`` as ``[(q, k, scale), ...]``.
+        qk: capture queries and keys (fused attention stays on): ``True`` = every block, a tuple =
+            those block indices. For rules that need only a few attention rows (TransMix's CLS
+            row) or each block's attention applied to small per-token values (TL-Align); they
+            arrive in ``ModelOutputs.qk`` as ``[(q, k, scale), ...]`` in block order.
     """
 
     attention_blocks: tuple[int, ...] = ()
     attention_reduce: str = "head_mean"
     tokens: bool = False
-    qk: bool = False
+    qk: bool | tuple[int, ...] = False
 
 
 def one_hot(y: Tensor, num_classes: int, smoothing: float = 0.0) -> Tensor:

@@ -52,9 +52,16 @@ def initial_own_share(mixed: MixedBatch, num_prefix_tokens: int) -> Tensor:
     return torch.cat([prefix, 1.0 - mixed.partner_mask.float()], dim=1)
 
 
-def propagate_scalar(beta: Tensor, qk: list[tuple[Tensor, Tensor, float]]) -> Tensor:
-    """beta (B, T) through every block: beta <- (mean_h A_h beta + beta) / 2."""
-    for q, k, scale in qk:
+def propagate_scalar(beta: Tensor, qk: list[tuple[Tensor, Tensor, float]], cls_only_last: bool = False) -> Tensor:
+    """beta (B, T) through every block: beta <- (mean_h A_h beta + beta) / 2.
+
+    With ``cls_only_last`` the last block updates only row 0 (the CLS row, all a CLS target needs),
+    which skips T - 1 of its T query rows; the other rows of the result are then left as they were.
+    """
+    for i, (q, k, scale) in enumerate(qk):
+        if cls_only_last and i == len(qk) - 1:
+            row = attention_apply(q[:, :, :1], k, beta.unsqueeze(-1), scale)[:, 0, 0]  # (B,)
+            return torch.cat([(0.5 * (row + beta[:, 0])).unsqueeze(1), beta[:, 1:]], dim=1)
         beta = 0.5 * (attention_apply(q, k, beta.unsqueeze(-1), scale).squeeze(-1) + beta)
     return beta
 
@@ -107,7 +114,7 @@ class TLAlign(MixMethod):
         """(target (B, K), own share beta of the final label (B,)) from the captured q, k."""
         p = self.num_prefix_tokens
         if self.path == "scalar":
-            beta = final_label(propagate_scalar(initial_own_share(mixed, p), qk), p)
+            beta = final_label(propagate_scalar(initial_own_share(mixed, p), qk, cls_only_last=p > 0), p)
             return mix_targets(mixed.y, mixed.y_partner, beta, self.num_classes, self.smoothing), beta
         beta0 = initial_own_share(mixed, p).unsqueeze(-1)  # (B, T, 1)
         y1 = one_hot(mixed.y, self.num_classes, self.smoothing).unsqueeze(1)  # (B, 1, K)

@@ -26,8 +26,12 @@ unmixed batches keep their area target. Any other mask works: the rule reads ``p
 (and, for ``official``, the box in ``extras["box"]`` when there is one; a mask without a box is
 taken as already token-aligned and rounded to 0/1).
 
-Deviations from the official code: the attention comes from timm's own blocks through
-:class:`~tokenmix.models.attention.AttentionCapture` (no vendored model file); the RNG is torch's.
+How the attention is obtained: the last block's queries and keys are captured during the forward
+(:class:`~tokenmix.models.attention.QKCapture`; its fused attention stays on) and only the CLS
+row softmax(q_CLS K^T * scale) is recomputed, without grad — the same numbers as the map the
+official code returns (softmax before dropout), at a cost of one (1 x T) row per head.
+
+Deviations from the official code: no vendored model file (timm's own blocks); the RNG is torch's.
 Note lam here is converted at the boundary: the package's ``lam`` is the own share.
 """
 from __future__ import annotations
@@ -40,6 +44,7 @@ from torch import Tensor
 
 from .base import MixedBatch, MixMethod, ModelOutputs, Needs, TokenGrid, mix_targets, soft_target_cross_entropy
 from .baselines import MixupCutMix
+from ..models.attention import attention_from_qk
 
 
 def attention_partner_share(attn: Tensor, partner_mask: Tensor, eps: float = 1e-12) -> Tensor:
@@ -72,17 +77,27 @@ class TransMix(MixMethod):
         super().__init__(num_classes, smoothing, variant, mix_prob)
         self.mixer = MixupCutMix(num_classes, smoothing, variant, mix_prob, mixup_alpha, cutmix_alpha,
                                  switch_prob, cutmix_snap)
-        self.needs = Needs(attention_blocks=(-1,), attention_reduce="cls")
+        self.needs = Needs(qk=(-1,))
+        self.num_prefix_tokens, self.has_cls = 1, True
 
     def prepare_model(self, model: nn.Module) -> nn.Module:
         model = super().prepare_model(model)
         self.mixer.grid = self.grid
-        has_cls = int(getattr(model, "num_prefix_tokens", 0)) > 0 and getattr(model, "has_class_token", True)
-        self.needs = Needs(attention_blocks=(-1,), attention_reduce="cls" if has_cls else "query_mean")
+        self.num_prefix_tokens = int(getattr(model, "num_prefix_tokens", 0))
+        self.has_cls = self.num_prefix_tokens > 0 and bool(getattr(model, "has_class_token", True))
         return model
 
+    def last_block_attention(self, qk: list[tuple[Tensor, Tensor, float]]) -> Tensor:
+        """(B, N) patch attention of the last block from its captured q, k: the head-mean CLS row
+        (CLS->CLS dropped) or, without a CLS token, the head- and query-mean attention received."""
+        q, k, scale = qk[-1]
+        p = self.num_prefix_tokens
+        if self.has_cls:
+            return attention_from_qk(q[:, :, :1], k, scale)[:, :, 0, p:].mean(1)
+        return attention_from_qk(q[:, :, p:], k, scale)[:, :, :, p:].mean(dim=(1, 2))
+
     def mix(self, x: Tensor, y: Tensor) -> MixedBatch:
-        self._require_grid(x)
+        self.mixer.grid = self._require_grid(x)  # also when the grid was set directly, not by prepare_model
         return self.mixer.mix(x, y)
 
     def partner_share(self, attn: Tensor, mixed: MixedBatch) -> Tensor:
@@ -95,8 +110,11 @@ class TransMix(MixMethod):
 
     def loss(self, outputs: ModelOutputs, mixed: MixedBatch) -> tuple[Tensor, dict[str, float]]:
         if mixed.kind in ("none", "mixup"):
-            return super().loss(outputs, mixed)
-        lam_p = self.partner_share(outputs.attention[-1].detach(), mixed)  # (B,)
+            loss, info = super().loss(outputs, mixed)
+            # report the own share of the target used (the area one) on every batch, so that the
+            # engine's per-epoch mean of lam_transmix is not diluted by batches without the key
+            return loss, {**info, "lam_transmix": float(mixed.lam_area.mean())}
+        lam_p = self.partner_share(self.last_block_attention(outputs.qk), mixed)  # (B,)
         target = mix_targets(mixed.y, mixed.y_partner, 1.0 - lam_p, self.num_classes, self.smoothing)
         mixed.target = target
         loss = soft_target_cross_entropy(outputs.logits, target)

@@ -152,6 +152,9 @@ class QKCapture:
         for m in mods:
             if not (isinstance(getattr(m, "q_norm", None), nn.Module) and isinstance(getattr(m, "k_norm", None), nn.Module)):
                 raise ValueError(f"{type(m).__name__} has no q_norm/k_norm modules; queries and keys cannot be captured")
+        for i in [] if blocks is None else blocks:
+            if not -len(mods) <= i < len(mods):
+                raise IndexError(f"block {i} out of range: {type(model).__name__} has {len(mods)} attention blocks")
         idx = list(range(len(mods))) if blocks is None else [b % len(mods) for b in blocks]
         self.blocks, self.num_prefix_tokens = idx, int(getattr(model, "num_prefix_tokens", 0))
         self._targets = {i: mods[i] for i in idx}
@@ -192,20 +195,22 @@ class QKCapture:
 
 
 def attention_from_qk(q: Tensor, k: Tensor, scale: float) -> Tensor:
-    """softmax(q k^T * scale): (B, H, T, d) x2 -> (B, H, T, T), in float32."""
-    return ((q.float() * scale) @ k.float().transpose(-2, -1)).softmax(-1)
+    """softmax(q k^T * scale): (B, H, T, d) x2 -> (B, H, T, T), in float32 (also under autocast)."""
+    with torch.autocast(q.device.type, enabled=False):
+        return ((q.float() * scale) @ k.float().transpose(-2, -1)).softmax(-1)
 
 
 def attention_apply(q: Tensor, k: Tensor, v: Tensor, scale: float) -> Tensor:
-    """Head-mean attention applied to per-token values without materialising the map.
+    """Head-mean attention applied to per-token values: mean_h softmax(q_h k_h^T * scale) @ v.
 
     Args:
-        q, k: (B, H, T, d) queries and keys.
-        v: (B, T, C) values shared by all heads (e.g. token labels).
+        q: (B, H, Tq, d) queries (Tq may be a subset of rows, e.g. the CLS query only).
+        k: (B, H, T, d) keys.
+        v: (B, T, C) values shared by all heads (e.g. token labels), C small.
     Returns:
-        (B, T, C) = mean_h softmax(q_h k_h^T * scale) @ v, in float32.
+        (B, Tq, C) in float32. The map is built in place (one (B, H, Tq, T) buffer) and averaged
+        over heads before the product with v, which on CPUs beats SDPA for C << d.
     """
-    b, h = q.shape[:2]
-    vv = v.float().unsqueeze(1).expand(b, h, *v.shape[1:])
-    out = torch.nn.functional.scaled_dot_product_attention(q.float(), k.float(), vv, scale=scale)
-    return out.mean(1)
+    a = torch.matmul(q.float(), k.float().transpose(-2, -1)).mul_(scale)
+    torch.softmax(a, dim=-1, out=a)
+    return a.mean(1) @ v.float()

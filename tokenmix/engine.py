@@ -259,7 +259,7 @@ def train(cfg: RunConfig, callbacks: Sequence[EpochCallback] = ()) -> dict[str, 
     model = create_model(cfg.model, num_classes, cfg.img_size, dinfo_data.in_chans,
                          patch_size=cfg.patch_size or None, drop_path_rate=cfg.drop_path)
     method = build_method(cfg, num_classes)
-    model = method.prepare_model(model).to(device)
+    model = method.prepare_model(model.to(device)).to(device)  # methods may read the device
     net: nn.Module = TrainForward(model, method.needs)
     if dinfo.enabled:
         net = nn.parallel.DistributedDataParallel(
@@ -310,6 +310,7 @@ def train(cfg: RunConfig, callbacks: Sequence[EpochCallback] = ()) -> dict[str, 
         net.train()
         t0 = time.perf_counter()
         sums: dict[str, float] = {}
+        counts: dict[str, int] = {}
         n_steps = 0
         bar = tqdm(loader, desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=not show_bar, leave=False,
                    mininterval=1.0 if sys.stderr.isatty() else 30.0, file=sys.stderr)
@@ -333,16 +334,16 @@ def train(cfg: RunConfig, callbacks: Sequence[EpochCallback] = ()) -> dict[str, 
             scaler.step(optimizer)
             scaler.update()
             n_steps += 1
-            sums["train_loss"] = sums.get("train_loss", 0.0) + float(loss.detach())
-            for k, v in info.items():
-                sums[k] = sums.get(k, 0.0) + float(v)
+            for k, v in {"train_loss": float(loss.detach()), **info}.items():
+                sums[k] = sums.get(k, 0.0) + float(v)  # each key averaged over the steps that report it
+                counts[k] = counts.get(k, 0) + 1
             if show_bar and i % 20 == 0:
                 bar.set_postfix(loss=f"{float(loss.detach()):.3f}", lr=f"{lr:.2e}", refresh=False)
         bar.close()
         train_time = time.perf_counter() - t0
         record = {"epoch": epoch + 1, "lr": lr, "train_time": train_time,
                   "images_per_s": n_steps * cfg.batch_size / max(train_time, 1e-9),
-                  **{k: v / max(n_steps, 1) for k, v in sums.items()}}
+                  **{k: v / counts[k] for k, v in sums.items()}}
         if (epoch + 1) % cfg.eval_every == 0 or epoch + 1 == cfg.epochs:
             t1 = time.perf_counter()
             record.update(evaluate(model, test_loader, device, dinfo, use_amp))

@@ -11,16 +11,22 @@ every block, with Ā the head-mean, post-softmax, pre-dropout, detached attentio
 
     Y <- (Ā Y + Y) / 2        (MLP, norms and the second residual leave Y unchanged)
 
-and the target is the CLS row after the last block (the mean of the token rows for models
-without a CLS token).
+and the target is the CLS row after the last block, or the mean of the patch-token rows when the
+head does not read the CLS token (no class token, or ``global_pool != "token"``; paper: "y_cls or
+the mean of the y_i depending on the model").
 
 Two implementations that agree (exactly for two-image mixes, reference §5.3): every row stays a
 convex combination ``beta y_own + (1 - beta) y_partner``, and both Ā and the half-residual
 preserve that, so propagating the scalar own-share beta (T,) gives the same target as the
-K-dimensional rows. ``path="scalar"`` (default, used for training) applies each block's attention
-to beta with one no-grad SDPA from the captured queries and keys (fused attention stays on, no
-map is materialised); ``path="kdim"`` materialises Ā and propagates (T, K) rows, as the paper
-writes it (slower: N^2 K per block).
+K-dimensional rows. ``path="scalar"`` (default, used for training) propagates beta (T, 1) and
+needs only the CLS row of the last block; ``path="kdim"`` propagates (T, K) rows, as the paper
+writes it (N^2 K per block).
+
+Where the attention comes from (``source``): ``"maps"`` switches every block to unfused attention
+and captures the head-mean maps the forward computes anyway (cheapest on CPUs: +3 % per training
+step on the CPU preset, against +7 % for recomputing them); ``"qk"`` keeps the fused attention
+(SDPA/flash kernels, memory-lean on GPUs) and recomputes the maps from the captured queries and
+keys without grad; ``"auto"`` (default) picks ``"qk"`` for a model on CUDA, else ``"maps"``.
 
 Variants: ``official`` = token-grid CutMix on every batch (``cutmix_snap="token"``; the released
 code cannot run Mixup); ``paper`` = the Mixup/CutMix switch with any mask or snap (Mixup batches
@@ -40,9 +46,10 @@ from torch import Tensor
 
 from .base import MixedBatch, MixMethod, ModelOutputs, Needs, mix_targets, one_hot, soft_target_cross_entropy
 from .baselines import CutMix, MixupCutMix
-from ..models.attention import attention_apply, attention_from_qk
+from ..models.attention import attention_apply, attention_from_qk, attention_modules
 
 PATHS: tuple[str, ...] = ("scalar", "kdim")
+SOURCES: tuple[str, ...] = ("auto", "maps", "qk")
 
 
 def initial_own_share(mixed: MixedBatch, num_prefix_tokens: int) -> Tensor:
@@ -66,16 +73,33 @@ def propagate_scalar(beta: Tensor, qk: list[tuple[Tensor, Tensor, float]], cls_o
     return beta
 
 
+def propagate_scalar_maps(beta: Tensor, attentions: list[Tensor], cls_only_last: bool = False) -> Tensor:
+    """beta (B, T) through head-mean attention maps [(B, T, T), ...]: beta <- (Ā beta + beta) / 2.
+    ``cls_only_last`` as in :func:`propagate_scalar`."""
+    b = beta.float().unsqueeze(-1)  # (B, T, 1)
+    for i, a in enumerate(attentions):
+        if cls_only_last and i == len(attentions) - 1:
+            row = torch.bmm(a[:, :1].float(), b)  # (B, 1, 1)
+            return torch.cat([0.5 * (row[:, :, 0] + b[:, :1, 0]), b[:, 1:, 0]], dim=1)
+        b = 0.5 * (torch.bmm(a.float(), b) + b)
+    return b.squeeze(-1)
+
+
 def propagate_kdim(labels: Tensor, attentions: list[Tensor]) -> Tensor:
     """Token labels (B, T, K) through head-mean attentions [(B, T, T), ...]: Y <- (Ā Y + Y) / 2."""
-    for a in attentions:
-        labels = 0.5 * (a.float() @ labels + labels)
+    with torch.autocast(labels.device.type, enabled=False):  # float32 also under autocast
+        for a in attentions:
+            labels = 0.5 * (a.float() @ labels.float() + labels.float())
     return labels
 
 
-def final_label(rows: Tensor, num_prefix_tokens: int) -> Tensor:
-    """The CLS row (B, ...) of propagated rows (B, T, ...), or the mean of the token rows without CLS."""
-    return rows[:, 0] if num_prefix_tokens > 0 else rows.mean(1)
+def final_label(rows: Tensor, num_prefix_tokens: int, cls: bool | None = None) -> Tensor:
+    """The label the head reads from propagated rows (B, T, ...): the CLS row when ``cls`` (default:
+    whenever there are prefix tokens), else the mean of the patch rows (prefix rows excluded, as
+    timm's average pooling excludes them)."""
+    if cls is None:
+        cls = num_prefix_tokens > 0
+    return rows[:, 0] if cls else rows[:, num_prefix_tokens:].mean(1)
 
 
 class TLAlign(MixMethod):
@@ -85,11 +109,14 @@ class TLAlign(MixMethod):
 
     def __init__(self, num_classes: int, smoothing: float = 0.1, variant: str = "official",
                  mix_prob: float = 1.0, mixup_alpha: float = 0.8, cutmix_alpha: float = 1.0,
-                 switch_prob: float = 0.5, cutmix_snap: str = "token", path: str = "scalar") -> None:
+                 switch_prob: float = 0.5, cutmix_snap: str = "token", path: str = "scalar",
+                 source: str = "auto") -> None:
         super().__init__(num_classes, smoothing, variant, mix_prob)
         if path not in PATHS:
             raise ValueError(f"unknown TL-Align path {path!r}; valid: {', '.join(PATHS)}")
-        self.path = path
+        if source not in SOURCES:
+            raise ValueError(f"unknown TL-Align attention source {source!r}; valid: {', '.join(SOURCES)}")
+        self.path, self.source = path, source
         self.mixer: MixMethod
         if variant == "official":
             self.mixer = CutMix(num_classes, smoothing, variant, mix_prob, cutmix_alpha, "token")
@@ -98,37 +125,66 @@ class TLAlign(MixMethod):
                                      switch_prob, cutmix_snap)
         self.needs = Needs(qk=True)
         self.num_prefix_tokens = 1
+        self.cls_label = True  # the target is the CLS row (else the mean of the patch rows)
 
     def prepare_model(self, model: nn.Module) -> nn.Module:
         model = super().prepare_model(model)
         self.mixer.grid = self.grid
         self.num_prefix_tokens = int(getattr(model, "num_prefix_tokens", 0))
+        # the label follows the representation the head reads: the CLS token or the pooled patches
+        self.cls_label = (self.num_prefix_tokens > 0 and bool(getattr(model, "has_class_token", True))
+                          and getattr(model, "global_pool", "token") == "token")
+        source = self.source
+        if source == "auto":
+            on_cuda = any(p.is_cuda for p in model.parameters())
+            source = "qk" if on_cuda else "maps"
+        n_blocks = len(attention_modules(model))
+        self.needs = (Needs(qk=True) if source == "qk"
+                      else Needs(attention_blocks=tuple(range(n_blocks)), attention_reduce="head_mean"))
         return model
 
+    def attention_inputs(self, outputs: ModelOutputs) -> list:
+        """What :meth:`aligned_target` takes from a forward: the head-mean maps [(B, T, T), ...] or
+        the captured ``(q, k, scale)`` per block, whichever ``needs`` asked for."""
+        return ([outputs.attention[i] for i in self.needs.attention_blocks] if self.needs.attention_blocks
+                else outputs.qk)
+
     def mix(self, x: Tensor, y: Tensor) -> MixedBatch:
-        self._require_grid(x)
+        self.mixer.grid = self._require_grid(x)  # also when the grid was set directly, not by prepare_model
         return self.mixer.mix(x, y)
 
     @torch.no_grad()
-    def aligned_target(self, mixed: MixedBatch, qk: list[tuple[Tensor, Tensor, float]]) -> tuple[Tensor, Tensor]:
-        """(target (B, K), own share beta of the final label (B,)) from the captured q, k."""
+    def aligned_target(self, mixed: MixedBatch, attention: list) -> tuple[Tensor, Tensor]:
+        """(target (B, K), own share beta of the final label (B,)).
+
+        Args:
+            attention: per block, either the head-mean map (B, T, T) or the captured
+                ``(q, k, scale)`` (see :meth:`attention_inputs`).
+        """
         p = self.num_prefix_tokens
+        cls = self.cls_label and p > 0
+        from_qk = bool(attention) and isinstance(attention[0], tuple)
+        beta0 = initial_own_share(mixed, p)  # (B, T)
         if self.path == "scalar":
-            beta = final_label(propagate_scalar(initial_own_share(mixed, p), qk, cls_only_last=p > 0), p)
+            out = (propagate_scalar(beta0, attention, cls_only_last=cls) if from_qk
+                   else propagate_scalar_maps(beta0, attention, cls_only_last=cls))
+            beta = final_label(out, p, cls)
             return mix_targets(mixed.y, mixed.y_partner, beta, self.num_classes, self.smoothing), beta
-        beta0 = initial_own_share(mixed, p).unsqueeze(-1)  # (B, T, 1)
         y1 = one_hot(mixed.y, self.num_classes, self.smoothing).unsqueeze(1)  # (B, 1, K)
         y2 = one_hot(mixed.y_partner, self.num_classes, self.smoothing).unsqueeze(1)
-        rows = beta0 * y1 + (1 - beta0) * y2  # (B, T, K)
-        attns = [attention_from_qk(q, k, s).mean(1) for q, k, s in qk]
-        target = final_label(propagate_kdim(rows, attns), p)
-        own = final_label(propagate_scalar(initial_own_share(mixed, p), qk), p)  # for logging only
+        rows = beta0.unsqueeze(-1) * y1 + (1 - beta0.unsqueeze(-1)) * y2  # (B, T, K)
+        maps = [attention_from_qk(q, k, s).mean(1) for q, k, s in attention] if from_qk else attention
+        target = final_label(propagate_kdim(rows, maps), p, cls)
+        own = final_label(propagate_scalar_maps(beta0, maps), p, cls)  # for logging only
         return target, own
 
     def loss(self, outputs: ModelOutputs, mixed: MixedBatch) -> tuple[Tensor, dict[str, float]]:
         if mixed.kind in ("none", "mixup"):
-            return super().loss(outputs, mixed)
-        target, beta = self.aligned_target(mixed, outputs.qk)
+            loss, info = super().loss(outputs, mixed)
+            # the propagation leaves these targets unchanged: report their own share on every batch,
+            # so that the engine's per-epoch mean of lam_aligned is not diluted by missing keys
+            return loss, {**info, "lam_aligned": float(mixed.lam_area.mean())}
+        target, beta = self.aligned_target(mixed, self.attention_inputs(outputs))
         mixed.target = target
         loss = soft_target_cross_entropy(outputs.logits, target)
         return loss, {"lam": float(mixed.lam_area.mean()), "lam_aligned": float(beta.mean())}

@@ -87,9 +87,11 @@ class TransMix(MixMethod):
         self.has_cls = self.num_prefix_tokens > 0 and bool(getattr(model, "has_class_token", True))
         return model
 
+    @torch.no_grad()
     def last_block_attention(self, qk: list[tuple[Tensor, Tensor, float]]) -> Tensor:
         """(B, N) patch attention of the last block from its captured q, k: the head-mean CLS row
-        (CLS->CLS dropped) or, without a CLS token, the head- and query-mean attention received."""
+        (CLS->CLS dropped) or, without a CLS token, the head- and query-mean attention received.
+        Computed without grad: the label must never carry gradient, even for q, k not detached."""
         q, k, scale = qk[-1]
         p = self.num_prefix_tokens
         if self.has_cls:

@@ -211,6 +211,7 @@ def attention_apply(q: Tensor, k: Tensor, v: Tensor, scale: float) -> Tensor:
         (B, Tq, C) in float32. The map is built in place (one (B, H, Tq, T) buffer) and averaged
         over heads before the product with v, which on CPUs beats SDPA for C << d.
     """
-    a = torch.matmul(q.float(), k.float().transpose(-2, -1)).mul_(scale)
-    torch.softmax(a, dim=-1, out=a)
-    return a.mean(1) @ v.float()
+    with torch.autocast(q.device.type, enabled=False):  # float32 also under autocast
+        a = torch.matmul(q.float(), k.float().transpose(-2, -1)).mul_(scale)
+        torch.softmax(a, dim=-1, out=a)
+        return a.mean(1) @ v.float()

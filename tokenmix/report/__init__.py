@@ -93,3 +93,10 @@ __all__ = ["OUTPUTS", "RESULT_COLUMNS", "figure_bytes", "main", "markdown_table"
            "plot_curves", "results_display", "results_markdown", "results_table", "run_label", "save_figure",
            "show_attention", "show_images", "show_mixed_batch", "summary_table", "token_map_to_pixels",
            "unnormalize", "update_readme", "write_if_changed", "write_report"]
+
+# method figures: TransMix (notebooks/01_transmix) and TL-Align (notebooks/05_tl_align)
+from .tlalign import plot_layerwise_ratios, plot_token_presence, show_label_alignment  # noqa: E402
+from .transmix import plot_transmix_lambdas, show_token_masks, show_transmix_samples, transmix_ratios_table  # noqa: E402
+
+__all__ += ["plot_layerwise_ratios", "plot_token_presence", "plot_transmix_lambdas", "show_label_alignment",
+            "show_token_masks", "show_transmix_samples", "transmix_ratios_table"]

@@ -12,6 +12,7 @@ import math
 import pytest
 import torch
 
+from helpers import make_method
 from tokenmix import methods
 from tokenmix.config import ConfigError, RunConfig
 from tokenmix.engine import TrainForward, build_method, train
@@ -28,11 +29,7 @@ K = 10
 # helpers (independent of the implementation)
 
 def make(variant: str = "official", grid: TokenGrid | None = None, **kw) -> TLAlign:
-    m = methods.get("tl_align", num_classes=K, variant=variant, **kw)
-    assert isinstance(m, TLAlign)
-    if grid is not None:
-        m.grid = grid
-    return m
+    return make_method("tl_align", TLAlign, K, variant, grid, **kw)
 
 
 def hand_batch(grid: TokenGrid, partner_mask, lam_area, y, y_partner, kind: str = "cutmix",

@@ -12,6 +12,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from helpers import make_method
 from tokenmix import methods
 from tokenmix.config import RunConfig
 from tokenmix.engine import TrainForward, train
@@ -73,11 +74,7 @@ def hand_batch(grid: TokenGrid, partner_mask: torch.Tensor, lam_area, y, y_partn
 
 
 def make(variant: str = "official", grid: TokenGrid | None = None, **kw) -> TransMix:
-    m = methods.get("transmix", num_classes=K, variant=variant, **kw)
-    assert isinstance(m, TransMix)
-    if grid is not None:
-        m.grid = grid
-    return m
+    return make_method("transmix", TransMix, K, variant, grid, **kw)
 
 
 def loss_outputs(b: int, attn: torch.Tensor, logits: torch.Tensor | None = None, cls_self: float = 0.1) -> ModelOutputs:

@@ -31,13 +31,15 @@ data: $(STAMP)
 	  $(BIN)/python -c "from tokenmix.data import load_fashion_mnist as f; f('data', True, True); f('data', False, True)"; fi
 
 # The main job: the CPU preset with CutMix on full Fashion-MNIST, through papermill.
-# Re-running it returns the finished record instead of overwriting it (resume=True).
+# A finished run is never re-run or overwritten; an interrupted one resumes (resume=True).
 run: setup
-	@mkdir -p runs/$(RUN_ID)
-	$(BIN)/papermill notebooks/10_train.ipynb runs/$(RUN_ID)/10_train.ipynb -k python3 --cwd $(CURDIR) \
-	  --log-output --progress-bar -p out_dir runs -p run_id $(RUN_ID) -p resume True \
-	  -p method cutmix -p model vit_cpu -p dataset fashion_mnist -p img_size 28 -p train_subset 0 \
-	  -p test_subset 0 -p epochs 10 -p batch_size 64 -p lr 0.002 -p warmup_epochs 1.0 -p progress True
+	@if grep -qs '"status": "complete"' runs/$(RUN_ID)/summary.json; then \
+	  echo "runs/$(RUN_ID) is complete; not re-running it (delete the folder or set RUN_ID=... to train again)"; \
+	else mkdir -p runs/$(RUN_ID) && \
+	  $(BIN)/papermill notebooks/10_train.ipynb runs/$(RUN_ID)/10_train.ipynb -k python3 --cwd $(CURDIR) \
+	    --log-output --progress-bar -p out_dir runs -p run_id $(RUN_ID) -p resume True \
+	    -p method cutmix -p model vit_cpu -p dataset fashion_mnist -p img_size 28 -p train_subset 0 \
+	    -p test_subset 0 -p epochs 10 -p batch_size 64 -p lr 0.002 -p warmup_epochs 1.0 -p progress True; fi
 	$(BIN)/python -m tokenmix report --runs runs --figures figures --readme README.md
 
 test: setup

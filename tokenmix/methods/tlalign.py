@@ -46,7 +46,7 @@ from torch import Tensor
 
 from .base import MixedBatch, MixMethod, ModelOutputs, Needs, mix_targets, one_hot, soft_target_cross_entropy
 from .baselines import CutMix, MixupCutMix
-from ..models.attention import attention_apply, attention_from_qk, attention_modules
+from ..models.attention import attention_from_qk, attention_modules
 
 PATHS: tuple[str, ...] = ("scalar", "kdim")
 SOURCES: tuple[str, ...] = ("auto", "maps", "qk")
@@ -60,22 +60,23 @@ def initial_own_share(mixed: MixedBatch, num_prefix_tokens: int) -> Tensor:
 
 
 def propagate_scalar(beta: Tensor, qk: list[tuple[Tensor, Tensor, float]], cls_only_last: bool = False) -> Tensor:
-    """beta (B, T) through every block: beta <- (mean_h A_h beta + beta) / 2.
+    """beta (B, T) through every block, from captured ``(q, k, scale)``: beta <- (Ā beta + beta) / 2.
 
-    With ``cls_only_last`` the last block updates only row 0 (the CLS row, all a CLS target needs),
-    which skips T - 1 of its T query rows; the other rows of the result are then left as they were.
+    The head-mean maps are recomputed from q, k and handed to :func:`propagate_scalar_maps`. With
+    ``cls_only_last`` the last block updates only row 0 (the CLS row, all a CLS target needs), so
+    only its CLS query row is computed; the other rows of the result are then left as they were.
     """
-    for i, (q, k, scale) in enumerate(qk):
-        if cls_only_last and i == len(qk) - 1:
-            row = attention_apply(q[:, :, :1], k, beta.unsqueeze(-1), scale)[:, 0, 0]  # (B,)
-            return torch.cat([(0.5 * (row + beta[:, 0])).unsqueeze(1), beta[:, 1:]], dim=1)
-        beta = 0.5 * (attention_apply(q, k, beta.unsqueeze(-1), scale).squeeze(-1) + beta)
-    return beta
+    last = len(qk) - 1
+    maps = [attention_from_qk(q[:, :, :1] if cls_only_last and i == last else q, k, scale).mean(1)
+            for i, (q, k, scale) in enumerate(qk)]
+    return propagate_scalar_maps(beta, maps, cls_only_last)
 
 
 def propagate_scalar_maps(beta: Tensor, attentions: list[Tensor], cls_only_last: bool = False) -> Tensor:
     """beta (B, T) through head-mean attention maps [(B, T, T), ...]: beta <- (Ā beta + beta) / 2.
-    ``cls_only_last`` as in :func:`propagate_scalar`."""
+
+    With ``cls_only_last`` the last map is read only at row 0 (it may be (B, 1, T)) and only the
+    CLS entry of beta is updated there."""
     b = beta.float().unsqueeze(-1)  # (B, T, 1)
     for i, a in enumerate(attentions):
         if cls_only_last and i == len(attentions) - 1:

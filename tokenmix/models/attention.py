@@ -138,9 +138,11 @@ class QKCapture:
     """Context manager capturing the queries and keys of ``blocks`` (after timm's ``q_norm`` /
     ``k_norm``), with fused attention left **on**.
 
-    For label rules that need ``A @ v`` for some small ``v`` at every block (TL-Align), this is
-    cheaper than materialising the attention maps: :func:`attention_apply` then runs one no-grad
-    SDPA per block with the stored q, k. Forward hooks on ``attn.q_norm`` / ``attn.k_norm``
+    For label rules that need only a few attention rows (TransMix's CLS row) or ``A @ v`` for a
+    small ``v`` (TL-Align's ``source="qk"``), the maps are then recomputed without grad from the
+    stored q, k (:func:`attention_from_qk`, :func:`attention_apply`) while the forward keeps the
+    fused kernel (which matters on GPUs; on CPUs at small sizes capturing the unfused maps with
+    :class:`AttentionCapture` is as cheap). Forward hooks on ``attn.q_norm`` / ``attn.k_norm``
     (modules timm calls on both the fused and the unfused path) see exactly the q, k of the
     forward, shaped (B, H, T, d).
 

@@ -8,7 +8,7 @@ import torch
 import torch.nn as nn
 from timm.layers import PatchEmbed
 
-from tokenmix.models import (PRESETS, ConvStemEmbed, available_models, count_parameters, create_model,
+from tokenmix.models import (CNN_PRESETS, PRESETS, ConvStemEmbed, available_models, count_parameters, create_model,
                              patch_size_for)
 
 
@@ -112,7 +112,21 @@ def test_available_models():
     names = available_models()
     assert set(PRESETS) <= set(names)
     assert "deit_tiny_patch16_224" in names and "vit_tiny_patch16_224" in names
-    assert all(n in PRESETS or n.startswith(("vit_", "deit_")) for n in names)
+    assert all(n in PRESETS or n in CNN_PRESETS or n.startswith(("vit_", "deit_")) for n in names)
+    assert set(CNN_PRESETS) <= set(names)
+
+
+def test_cnn_teacher_preset():
+    """cnn_small: a classifier without a token grid, feature stride 4 (TokenMix's teacher)."""
+    from tokenmix.methods.base import TokenGrid
+    m = create_model("cnn_small", 10, 28, 1)
+    x = torch.randn(2, 1, 28, 28)
+    assert m(x).shape == (2, 10) and m.forward_features(x).shape[-2:] == (7, 7)
+    assert patch_size_for("cnn_small", 28) == 4
+    with pytest.raises(ValueError, match="token grid"):
+        TokenGrid.from_model(m)
+    with pytest.raises(ValueError, match="pretrained"):
+        create_model("cnn_small", 10, 28, 1, pretrained=True)
 
 
 def test_count_parameters():

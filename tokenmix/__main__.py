@@ -9,6 +9,8 @@ Examples::
     python -m tokenmix models           # list models
     python -m tokenmix report --runs runs --figures figures   # tables + figures from run records
     python -m tokenmix bench --methods transmix,tl_align,tl_align:path=kdim   # step time vs CutMix
+    python -m tokenmix teacher --dataset fashion_mnist --img_size 28   # TokenMix teacher-map cache
+    python -m tokenmix train --method tokenmix                          # ... then train with it
 """
 from __future__ import annotations
 
@@ -79,9 +81,37 @@ def _bench(argv: list[str]) -> int:
     return 0
 
 
+def _teacher(argv: list[str]) -> int:
+    from .teacher import DEFAULT_TEACHER, build_teacher_maps
+    p = argparse.ArgumentParser(prog="python -m tokenmix teacher",
+                                description="Train (or load) a teacher and cache its top-k class activation maps "
+                                            "for TokenMix labels (one cache per dataset, resolution and teacher).")
+    p.add_argument("--dataset", default="fashion_mnist")
+    p.add_argument("--img_size", type=int, default=28)
+    p.add_argument("--teacher", default=DEFAULT_TEACHER, help="a create_model name (the architecture and the cache tag)")
+    p.add_argument("--checkpoint", default="", help="load the teacher instead: a tokenmix run folder or a .pt state dict")
+    p.add_argument("--data_dir", default="data")
+    p.add_argument("--path", default="", help="cache folder (default <data_dir>/teacher_maps/<dataset>-<img_size>px-<teacher>)")
+    p.add_argument("--epochs", type=int, default=2)
+    p.add_argument("--batch_size", type=int, default=128)
+    p.add_argument("--lr", type=float, default=2e-3)
+    p.add_argument("--top_k", type=int, default=5)
+    p.add_argument("--train_subset", type=int, default=0, help="train the teacher on a subset (maps cover the whole split)")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--force", action="store_true", help="rebuild even if a valid cache exists")
+    a = p.parse_args(argv)
+    try:
+        build_teacher_maps(a.dataset, a.img_size, a.teacher, a.data_dir, a.path or None, a.checkpoint, a.epochs,
+                           a.batch_size, a.lr, a.top_k, a.train_subset, force=a.force, device=a.device)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"tokenmix: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    commands = ("train", "methods", "models", "report", "bench")
+    commands = ("train", "methods", "models", "report", "bench", "teacher")
     if not argv or argv[0] in ("-h", "--help"):
         print(__doc__)
         return 0
@@ -96,13 +126,17 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{name:14s} " + ", ".join(f"{k}={v!r}" for k, v in params.items()))
         return 0
     if cmd == "models":
-        from .models import PRESETS, available_models
+        from .models import CNN_PRESETS, PRESETS, available_models
         for name, preset in PRESETS.items():
             print(f"{name:16s} {preset.description}")
-        print(f"... and {len(available_models()) - len(PRESETS)} timm models (vit_*, deit_*)")
+        for name, (_, desc) in CNN_PRESETS.items():
+            print(f"{name:16s} {desc}")
+        print(f"... and {len(available_models()) - len(PRESETS) - len(CNN_PRESETS)} timm models (vit_*, deit_*)")
         return 0
     if cmd == "bench":
         return _bench(rest)
+    if cmd == "teacher":
+        return _teacher(rest)
     if cmd == "report":
         from .report import main as report_main
         return report_main(rest)
@@ -114,9 +148,10 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     from .engine import train
     from .runs import RunExistsError
+    from .teacher import TeacherCacheError
     try:
         train(cfg)
-    except RunExistsError as e:
+    except (RunExistsError, TeacherCacheError) as e:
         print(f"tokenmix: error: {e}", file=sys.stderr)
         return 2
     return 0

@@ -13,11 +13,16 @@ phenomenon:
     area ratio, TransMix's ratio and TL-Align's propagated ratio (plus the presence of Eq. 2 and
     a check that TL-Align's K-dimensional path gives the scalar path's numbers).
 
+TokenMix (Liu et al., ECCV 2022, https://arxiv.org/abs/2207.08409):
+    :func:`occlusion_accuracy` - Figure 5: top-1 accuracy when a growing share of the patches is
+    dropped (their pixels set to a constant), the same random patches for every model.
+
 Convention (the package's): every ratio here is the **own** share, i.e. the share of image X1 =
 the image the box is pasted into (``mixed.y``); the partner X2 is ``x[mixed.partner_index]``.
 """
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -388,6 +393,115 @@ def mix_draws(method: MixMethod, x: Tensor, y: Tensor, n_draws: int) -> list[Mix
     return [method.mix(x, y) for _ in range(n_draws)]
 
 
-__all__ = ["BlockCapture", "LayerwiseRatios", "capture_blocks", "collect_transmix_ratios", "head_mean_attention",
-           "layerwise_mixing_ratios", "mix_draws", "pearson", "similarity_mixing_ratio", "similarity_scores",
-           "tlalign_path_difference", "token_presence", "transmix_ratios"]
+# ---------------------------------------------------------------------------------------------
+# TokenMix: occlusion robustness (Figure 5)
+
+#: the drop ratios of TokenMix's Figure 5
+OCCLUSION_RATIOS: tuple[float, ...] = tuple(round(0.1 * i, 1) for i in range(10))
+
+
+def occlusion_count(num_tokens: int, ratio: float) -> int:
+    """Patches dropped at ``ratio``: floor(ratio N) (ratio in [0, 1]; a 1e-9 tolerance keeps
+    0.7 * 10 at 7 despite binary rounding)."""
+    if not 0.0 <= ratio <= 1.0:
+        raise ValueError(f"drop ratio must be in [0, 1], got {ratio}")
+    return min(num_tokens, math.floor(ratio * num_tokens + 1e-9))
+
+
+def occlusion_ranks(batch: int, num_tokens: int, generator: torch.Generator | None = None) -> Tensor:
+    """A random drop order per image: (B, N) int64, each row a permutation of 0..N-1 (the rank
+    at which each patch is dropped). Thresholding one order at growing counts gives nested
+    occlusions: the patches dropped at 10 % stay dropped at 20 %."""
+    return torch.rand(batch, num_tokens, generator=generator).argsort(1).argsort(1)
+
+
+def occlusion_mask(batch: int, num_tokens: int, ratio: float, generator: torch.Generator | None = None,
+                   ranks: Tensor | None = None) -> Tensor:
+    """Which patches to drop: (B, N) bool with exactly :func:`occlusion_count` ``(N, ratio)`` True
+    per row, uniformly random (from ``generator``, or the given drop order ``ranks``)."""
+    r = occlusion_ranks(batch, num_tokens, generator) if ranks is None else ranks
+    if r.shape != (batch, num_tokens):
+        raise ValueError(f"ranks of shape {tuple(r.shape)} do not fit ({batch}, {num_tokens})")
+    return r < occlusion_count(num_tokens, ratio)
+
+
+def black_level(info) -> Tensor:
+    """The normalised value of a black pixel per channel, -mean / std: (C,) float32. Pass it as
+    ``fill`` to set dropped pixels to zero in image space (the paper's "set the pixels inside to
+    zero"). ``info``: a :class:`tokenmix.data.DatasetInfo` (anything with ``mean`` and ``std``)."""
+    mean = torch.tensor(info.mean, dtype=torch.float32)
+    std = torch.tensor(info.std, dtype=torch.float32)
+    return -mean / std
+
+
+def occlude(images: Tensor, mask: Tensor, grid: TokenGrid, fill: Tensor | float = 0.0) -> Tensor:
+    """Set the pixels of the patches where ``mask`` (B, N) is True to ``fill``.
+
+    Args:
+        images: (B, C, H, W) normalised images covered by ``grid``.
+        fill: a float or a per-channel (C,) tensor, in the images' (normalised) units.
+    Returns:
+        A new (B, C, H, W) tensor.
+    """
+    b, c, h, w = images.shape
+    if (h, w) != grid.img_size or mask.shape != (b, grid.num_tokens):
+        raise ValueError(f"images {tuple(images.shape)} / mask {tuple(mask.shape)} do not fit the token grid "
+                         f"{grid.rows}x{grid.cols} of {grid.img_size} pixels")
+    pix = mask.view(b, 1, grid.rows, grid.cols).repeat_interleave(grid.patch_h, 2).repeat_interleave(grid.patch_w, 3)
+    f = torch.as_tensor(fill, dtype=images.dtype, device=images.device)
+    f = f.view(1, -1, 1, 1) if f.dim() == 1 else f
+    return torch.where(pix.to(images.device), f, images)
+
+
+@torch.no_grad()
+def occlusion_accuracy(model: nn.Module, images: Tensor, labels: Tensor, grid: TokenGrid,
+                       ratios: Sequence[float] = OCCLUSION_RATIOS, fill: Tensor | float = 0.0, seed: int = 0,
+                       batch_size: int = 256) -> dict[float, float]:
+    """Top-1 accuracy (%) under random patch occlusion (TokenMix, Figure 5).
+
+    For every image, one random drop order of its N patches is drawn from ``seed``; at drop ratio
+    r the first floor(r N) patches of that order get their pixels set to ``fill``. The occlusions
+    depend only on ``seed``, the number of images and the grid, so every model evaluated with the
+    same arguments sees identical occluded images, and they are nested across ratios (the paper
+    "gradually drop[s] 10 % more patches").
+
+    Args:
+        model: a classifier; evaluated in eval mode (its mode is restored afterwards), no grad.
+        images: (B, C, H, W) float images, already normalised as the model expects; labels: (B,).
+        grid: the token grid the patches are taken from (usually ``TokenGrid.from_model(model)``).
+        ratios: drop ratios in [0, 1].
+        fill: the value written into dropped pixels, in normalised units: a float (0.0 = the
+            dataset mean) or a per-channel (C,) tensor, e.g. :func:`black_level` for black pixels.
+        seed: seed of the drop orders; batch_size: images per forward (does not change the result).
+    Returns:
+        {ratio: top-1 %} in the order of ``ratios``.
+    """
+    if images.dim() != 4 or len(images) != len(labels):
+        raise ValueError(f"expected images (B, C, H, W) and B labels, got {tuple(images.shape)} and {len(labels)}")
+    for r in ratios:
+        occlusion_count(grid.num_tokens, float(r))  # validates
+    device = next(model.parameters()).device
+    ranks = occlusion_ranks(len(images), grid.num_tokens, torch.Generator().manual_seed(seed))
+    was_training = model.training
+    model.eval()
+    correct = {float(r): 0 for r in ratios}
+    try:
+        for lo in range(0, len(images), batch_size):
+            x = images[lo:lo + batch_size].to(device)
+            y = labels[lo:lo + batch_size].to(device)
+            rk = ranks[lo:lo + batch_size]
+            for r in correct:
+                mask = occlusion_mask(len(x), grid.num_tokens, r, ranks=rk)
+                pred = model(occlude(x, mask, grid, fill)).argmax(1)
+                correct[r] += int((pred == y).sum())
+    finally:
+        model.train(was_training)
+    n = max(len(images), 1)
+    return {r: 100.0 * c / n for r, c in correct.items()}
+
+
+__all__ = ["BlockCapture", "LayerwiseRatios", "OCCLUSION_RATIOS", "black_level", "capture_blocks",
+           "collect_transmix_ratios", "head_mean_attention", "layerwise_mixing_ratios", "mix_draws", "occlude",
+           "occlusion_accuracy", "occlusion_count", "occlusion_mask", "occlusion_ranks", "pearson",
+           "similarity_mixing_ratio", "similarity_scores", "tlalign_path_difference", "token_presence",
+           "transmix_ratios"]

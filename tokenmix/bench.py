@@ -4,6 +4,8 @@ Every method gets its own copy of the same initial model and its own AdamW; the 
 interleaved (A B C A B C ...) after a warm-up so that drifts in machine load hit all of them
 alike, and the median step time of each is divided by CutMix's. A step is the whole training
 step: ``mix`` + forward (with the method's captures) + ``loss`` + backward + optimiser step.
+Methods that read sample metadata (TokenMix's teacher maps) get a fresh random ``meta`` per step
+(cache indices, padded-crop boxes, flips), so the map lookup and alignment are timed too.
 """
 from __future__ import annotations
 
@@ -48,6 +50,15 @@ def parse_spec(spec: str) -> tuple[str, dict[str, Any]]:
     return name, kwargs
 
 
+def random_meta(batch_size: int, num_images: int, img_size: int, padding: int) -> dict[str, torch.Tensor]:
+    """Sample metadata as the data pipeline would produce it: random indices, padded-crop boxes
+    (normalised (y0, x0, y1, x1)) and flips."""
+    off = (torch.randint(0, 2 * padding + 1, (batch_size, 2)).float() - padding) / img_size  # (B, 2)
+    box = torch.cat([off, off + 1.0], dim=1)
+    return {"index": torch.randint(0, num_images, (batch_size,)), "box": box,
+            "flip": torch.rand(batch_size) < 0.5}
+
+
 def step_time_ratios(specs: list[str], reference: str = "cutmix", model: str = "vit_cpu", img_size: int = 28,
                      in_chans: int = 1, num_classes: int = 10, batch_size: int = 64, warmup: int = 5,
                      repeats: int = 30, seed: int = 0) -> list[BenchResult]:
@@ -63,13 +74,16 @@ def step_time_ratios(specs: list[str], reference: str = "cutmix", model: str = "
         name, kw = parse_spec(spec)
         method = methods.get(name, num_classes=num_classes, **kw)
         net = method.prepare_model(copy.deepcopy(base))
+        method.prepare_training()
         fwd = TrainForward(net, method.needs).train()
         opt = torch.optim.AdamW(net.parameters(), lr=1e-4)
         runners.append((spec, method, fwd, opt))
 
     def step(method, fwd, opt) -> float:
+        meta = (random_meta(batch_size, len(method.maps), img_size, img_size // 8)
+                if method.needs.sample_meta else None)
         t0 = time.perf_counter()
-        mixed = method.mix(x, y)
+        mixed = method.mix(x, y, meta=meta) if meta is not None else method.mix(x, y)
         loss, _ = method.loss(ModelOutputs(**fwd(mixed.x)), mixed)
         opt.zero_grad(set_to_none=True)
         loss.backward()

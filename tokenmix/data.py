@@ -16,9 +16,18 @@ The small in-memory datasets are kept as one uint8 tensor, resized (or zero-padd
 Fashion-MNIST 28 -> 32) once at load, and augmented per sample on tensors: random crop with
 zero padding, horizontal flip, optional timm RandAugment (via PIL), normalisation. This is the
 DeiT/timm recipe scaled to small images, without PIL round trips unless RandAugment is on.
+
+Sample metadata (for labels that depend on where each pixel came from, e.g. TokenMix's teacher
+maps): with ``with_meta=True`` a training set returns ``(image, label, meta)`` where ``meta`` is
+``{"index": source index in the full split, "box": (y0, x0, y1, x1), "flip": 0/1}``. ``box`` is
+the region of the stored (size-fitted) source image that the output shows, in normalised source
+coordinates (it extends past [0, 1] where a padded crop shows padding); ``flip`` says the output
+was then mirrored left-right. RandAugment's geometric ops are not recorded (see
+:mod:`tokenmix.teacher`).
 """
 from __future__ import annotations
 
+import copy
 import gzip
 import os
 import pickle
@@ -204,6 +213,12 @@ class TensorTransform:
             self.randaugment = rand_augment_transform(randaugment, {"img_mean": fill})
 
     def __call__(self, img: Tensor) -> Tensor:
+        return self.apply(img)[0]
+
+    def apply(self, img: Tensor) -> tuple[Tensor, tuple[float, float, float, float], bool]:
+        """Augment ``img`` and return ``(image, box, flipped)``; ``box`` = (y0, x0, y1, x1), the
+        shown region of the input in normalised coordinates (see the module docstring)."""
+        box, flipped = (0.0, 0.0, 1.0, 1.0), False
         if self.train:
             if self.randaugment is not None:
                 from PIL import Image
@@ -216,26 +231,59 @@ class TensorTransform:
                 h, w = img.shape[-2:]
                 top, left = (int(v) for v in torch.randint(0, 2 * p + 1, (2,)))
                 img = F.pad(img, (p, p, p, p))[:, top:top + h, left:left + w]
+                box = ((top - p) / h, (left - p) / w, (top - p + h) / h, (left - p + w) / w)
             if self.hflip and bool(torch.rand(()) < 0.5):
-                img = img.flip(-1)
-        return (img.float() - self.mean) / self.std
+                img, flipped = img.flip(-1), True
+        return (img.float() - self.mean) / self.std, box, flipped
+
+
+def sample_meta(index: int, box: tuple[float, float, float, float], flipped: bool) -> dict[str, Tensor]:
+    """One sample's metadata (collates into a dict of batched tensors)."""
+    return {"index": torch.tensor(index, dtype=torch.long), "box": torch.tensor(box, dtype=torch.float32),
+            "flip": torch.tensor(bool(flipped))}
 
 
 class InMemoryImages(Dataset):
-    """uint8 images (N, C, H, W) + labels (N,) with a per-sample transform."""
+    """uint8 images (N, C, H, W) + labels (N,) with a per-sample transform.
+
+    Args:
+        source_index: (N,) index of each image in its full split (a subset keeps the original
+            indices, so caches built for the whole split stay valid); default ``arange(N)``.
+        with_meta: return ``(image, label, meta)`` (see the module docstring); needs a
+            :class:`TensorTransform`.
+    """
 
     def __init__(self, images: Tensor, labels: Tensor, transform: Callable[[Tensor], Tensor],
-                 classes: tuple[str, ...] = ()) -> None:
+                 classes: tuple[str, ...] = (), source_index: Tensor | None = None, with_meta: bool = False) -> None:
         if images.dim() != 4 or images.dtype != torch.uint8 or len(images) != len(labels):
             raise ValueError(f"expected uint8 (N, C, H, W) images and N labels, got {tuple(images.shape)} "
                              f"{images.dtype} and {len(labels)} labels")
         self.images, self.labels, self.transform, self.classes = images, labels.long(), transform, classes
+        self.source_index = torch.arange(len(labels)) if source_index is None else source_index.long()
+        if with_meta and not hasattr(transform, "apply"):
+            raise ValueError("with_meta=True needs a transform that reports its geometry (TensorTransform)")
+        self.with_meta = with_meta
 
     def __len__(self) -> int:
         return len(self.labels)
 
-    def __getitem__(self, i: int) -> tuple[Tensor, int]:
-        return self.transform(self.images[i]), int(self.labels[i])
+    def __getitem__(self, i: int) -> tuple[Tensor, int] | tuple[Tensor, int, dict[str, Tensor]]:
+        if not self.with_meta:
+            return self.transform(self.images[i]), int(self.labels[i])
+        img, box, flipped = self.transform.apply(self.images[i])  # type: ignore[attr-defined]
+        return img, int(self.labels[i]), sample_meta(int(self.source_index[i]), box, flipped)
+
+
+def with_sample_meta(ds: Dataset) -> Dataset | None:
+    """A copy of an in-memory training set that also returns sample metadata; None for other
+    datasets (rebuild them with ``build_datasets(..., train_meta=True)``)."""
+    if isinstance(ds, InMemoryImages):
+        if not hasattr(ds.transform, "apply"):
+            raise ValueError("sample metadata needs a transform that reports its geometry (TensorTransform)")
+        out = copy.copy(ds)
+        out.with_meta = True
+        return out
+    return ds if isinstance(ds, ImageFolderWithMeta) else None
 
 
 def subset_indices(n: int, k: int, seed: int = 0) -> Tensor:
@@ -245,32 +293,86 @@ def subset_indices(n: int, k: int, seed: int = 0) -> Tensor:
     return torch.randperm(n, generator=torch.Generator().manual_seed(seed))[:k].sort().values
 
 
-def build_datasets(dataset: str, img_size: int, data_dir: str | Path = "data", download: bool = True,
-                   train_subset: int = 0, test_subset: int = 0, crop_padding: int = -1, hflip: bool = True,
-                   randaugment: str = "", synthetic_size: int = 512) -> tuple[Dataset, Dataset, DatasetInfo]:
-    """Build (train, test, info). ``crop_padding=-1`` means ``img_size // 8``."""
+def load_split(dataset: str, img_size: int, train: bool, data_dir: str | Path = "data", download: bool = True,
+               synthetic_size: int = 512, subset: int = 0) -> tuple[Tensor, Tensor, Tensor]:
+    """A split of an in-memory dataset, size-fitted: uint8 (n, C, img_size, img_size), labels (n,) and
+    their indices in the full split (n,) — all of it, or the fixed random ``subset`` of
+    :func:`subset_indices` when ``subset > 0``."""
     info = dataset_info(dataset)
     if dataset == "imagenet":
-        return _image_folder(Path(data_dir), img_size, randaugment, info) + (info,)
+        raise ValueError("imagenet is an image folder, not an in-memory dataset; use build_datasets")
     if dataset == "fashion_mnist":
-        tr, te = load_fashion_mnist(data_dir, True, download), load_fashion_mnist(data_dir, False, download)
+        x, y = load_fashion_mnist(data_dir, train, download)
     elif dataset in ("cifar10", "cifar100"):
-        tr, te = (load_cifar(data_dir, info.num_classes, t, download) for t in (True, False))
+        x, y = load_cifar(data_dir, info.num_classes, train, download)
     else:
         n = max(synthetic_size, 16)
-        tr, te = make_synthetic(n, info.num_classes, 32, seed=0), make_synthetic(n // 4, info.num_classes, 32, seed=1)
+        x, y = make_synthetic(n, info.num_classes, 32, seed=0) if train else make_synthetic(n // 4, info.num_classes, 32, seed=1)
+    idx = subset_indices(len(y), subset)
+    return fit_size(x[idx], img_size), y[idx], idx
+
+
+def build_datasets(dataset: str, img_size: int, data_dir: str | Path = "data", download: bool = True,
+                   train_subset: int = 0, test_subset: int = 0, crop_padding: int = -1, hflip: bool = True,
+                   randaugment: str = "", synthetic_size: int = 512,
+                   train_meta: bool = False) -> tuple[Dataset, Dataset, DatasetInfo]:
+    """Build (train, test, info). ``crop_padding=-1`` means ``img_size // 8``; ``train_meta`` makes
+    the training set return ``(image, label, meta)`` (see the module docstring)."""
+    info = dataset_info(dataset)
+    if dataset == "imagenet":
+        return _image_folder(Path(data_dir), img_size, randaugment, info, train_meta) + (info,)
     pad = img_size // 8 if crop_padding < 0 else crop_padding
     out = []
-    for (x, y), train, k in ((tr, True, train_subset), (te, False, test_subset)):
-        idx = subset_indices(len(y), k)
+    for train, k in ((True, train_subset), (False, test_subset)):
+        x, y, idx = load_split(dataset, img_size, train, data_dir, download, synthetic_size, subset=k)
         tf = TensorTransform(train, info.mean, info.std, pad, hflip, randaugment)
-        out.append(InMemoryImages(fit_size(x[idx], img_size), y[idx], tf, info.classes))
+        out.append(InMemoryImages(x, y, tf, info.classes, source_index=idx,
+                                  with_meta=train and train_meta))
     return out[0], out[1], info
 
 
-def _image_folder(root: Path, img_size: int, randaugment: str, info: DatasetInfo) -> tuple[Dataset, Dataset]:
+class CropFlipWithMeta:
+    """RandomResizedCrop (scale 0.08-1, ratio 3/4-4/3, bicubic) + horizontal flip on a PIL image that
+    also reports the crop box (normalised (y0, x0, y1, x1)) and the flip — timm's primary train
+    transform, made observable."""
+
+    def __init__(self, img_size: int, hflip: float = 0.5) -> None:
+        from torchvision.transforms import InterpolationMode, RandomResizedCrop
+        self.rrc = RandomResizedCrop(img_size, interpolation=InterpolationMode.BICUBIC)
+        self.hflip = hflip
+
+    def __call__(self, img):  # PIL image -> (PIL image, box, flipped)
+        import torchvision.transforms.functional as TF
+        w, h = img.size
+        top, left, ch, cw = self.rrc.get_params(img, self.rrc.scale, self.rrc.ratio)
+        out = TF.resized_crop(img, top, left, ch, cw, self.rrc.size, self.rrc.interpolation)
+        flipped = bool(torch.rand(()) < self.hflip)
+        if flipped:
+            out = TF.hflip(out)
+        return out, (top / h, left / w, (top + ch) / h, (left + cw) / w), flipped
+
+
+class ImageFolderWithMeta(Dataset):
+    """An image folder whose training samples are ``(image, label, meta)`` (see the module docstring)."""
+
+    def __init__(self, folder: Dataset, primary: CropFlipWithMeta, rest: Callable) -> None:
+        self.folder, self.primary, self.rest = folder, primary, rest
+        self.classes = getattr(folder, "classes", ())
+
+    def __len__(self) -> int:
+        return len(self.folder)  # type: ignore[arg-type]
+
+    def __getitem__(self, i: int) -> tuple[Tensor, int, dict[str, Tensor]]:
+        img, label = self.folder[i]
+        img, box, flipped = self.primary(img)
+        return self.rest(img), int(label), sample_meta(i, box, flipped)
+
+
+def _image_folder(root: Path, img_size: int, randaugment: str, info: DatasetInfo,
+                  train_meta: bool = False) -> tuple[Dataset, Dataset]:
     from timm.data import create_transform
     from torchvision.datasets import ImageFolder
+    from torchvision.transforms import Compose
     for split in ("train", "val"):
         if not (root / split).is_dir():
             raise FileNotFoundError(f"ImageNet folder {root / split} not found; set data_dir to a folder "
@@ -279,7 +381,13 @@ def _image_folder(root: Path, img_size: int, randaugment: str, info: DatasetInfo
                              interpolation="bicubic", mean=info.mean, std=info.std)
     te_tf = create_transform(img_size, is_training=False, interpolation="bicubic", mean=info.mean,
                              std=info.std, crop_pct=0.875)
-    return ImageFolder(str(root / "train"), tr_tf), ImageFolder(str(root / "val"), te_tf)
+    test = ImageFolder(str(root / "val"), te_tf)
+    if not train_meta:
+        return ImageFolder(str(root / "train"), tr_tf), test
+    parts = create_transform(img_size, is_training=True, auto_augment=randaugment or None, interpolation="bicubic",
+                             mean=info.mean, std=info.std, separate=True)
+    rest = Compose([t for part in parts[1:] for t in getattr(part, "transforms", [part])])
+    return ImageFolderWithMeta(ImageFolder(str(root / "train")), CropFlipWithMeta(img_size), rest), test
 
 
 def num_classes_of(ds: Dataset, info: DatasetInfo) -> int:

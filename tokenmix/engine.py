@@ -36,7 +36,7 @@ from tqdm import tqdm
 
 from . import methods
 from .config import RunConfig
-from .data import build_datasets, num_classes_of
+from .data import build_datasets, num_classes_of, with_sample_meta
 from .methods import MixMethod, ModelOutputs, Needs
 from .models import AttentionCapture, count_parameters, create_model
 from .models.attention import QKCapture
@@ -244,13 +244,6 @@ def train(cfg: RunConfig, callbacks: Sequence[EpochCallback] = ()) -> dict[str, 
         if dinfo.is_main:
             print(f"[tokenmix] {run_dir} is already complete; returning its summary")
         return load_run(run_dir).summary
-    if dinfo.enabled:
-        dist.barrier()
-    if dinfo.is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        if state == "new":
-            atomic_write_json(run_dir / CONFIG, cfg.to_dict())
-
     seed_everything(cfg.seed)
     train_ds, test_ds, dinfo_data = build_datasets(
         cfg.dataset, cfg.img_size, cfg.data_dir, cfg.download, cfg.train_subset, cfg.test_subset,
@@ -259,7 +252,19 @@ def train(cfg: RunConfig, callbacks: Sequence[EpochCallback] = ()) -> dict[str, 
     model = create_model(cfg.model, num_classes, cfg.img_size, dinfo_data.in_chans,
                          patch_size=cfg.patch_size or None, drop_path_rate=cfg.drop_path)
     method = build_method(cfg, num_classes)
+    if method.needs.sample_meta:
+        train_ds = with_sample_meta(train_ds) or build_datasets(
+            cfg.dataset, cfg.img_size, cfg.data_dir, cfg.download, cfg.train_subset, cfg.test_subset,
+            cfg.crop_padding, cfg.hflip, cfg.randaugment, train_meta=True)[0]
     model = method.prepare_model(model.to(device)).to(device)  # methods may read the device
+    method.prepare_training()  # before the run folder exists: a missing input leaves no half-made run
+    if dinfo.enabled:
+        dist.barrier()
+    if dinfo.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        if state == "new":
+            atomic_write_json(run_dir / CONFIG, cfg.to_dict())
+
     net: nn.Module = TrainForward(model, method.needs)
     if dinfo.enabled:
         net = nn.parallel.DistributedDataParallel(
@@ -314,13 +319,17 @@ def train(cfg: RunConfig, callbacks: Sequence[EpochCallback] = ()) -> dict[str, 
         n_steps = 0
         bar = tqdm(loader, desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=not show_bar, leave=False,
                    mininterval=1.0 if sys.stderr.isatty() else 30.0, file=sys.stderr)
-        for i, (x, y) in enumerate(bar):
+        for i, batch in enumerate(bar):
             step = epoch * steps_per_epoch + i
             lr = lr_at(step, total_steps, warmup_steps, cfg.lr, cfg.min_lr, cfg.warmup_lr)
             for g in optimizer.param_groups:
                 g["lr"] = lr
-            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-            mixed = method.mix(x, y)
+            x, y = batch[0].to(device, non_blocking=True), batch[1].to(device, non_blocking=True)
+            if method.needs.sample_meta:
+                meta = {k: v.to(device, non_blocking=True) for k, v in batch[2].items()}
+                mixed = method.mix(x, y, meta=meta)
+            else:
+                mixed = method.mix(x, y)
             with torch.autocast(device.type, enabled=use_amp):
                 outputs = ModelOutputs(**net(mixed.x))
                 loss, info = method.loss(outputs, mixed)

@@ -126,12 +126,16 @@ class Needs:
             those block indices. For rules that need only a few attention rows (TransMix's CLS
             row) or each block's attention applied to small per-token values (TL-Align); they
             arrive in ``ModelOutputs.qk`` as ``[(q, k, scale), ...]`` in block order.
+        sample_meta: the method's ``mix`` needs each sample's metadata (``meta`` = dataset index,
+            crop box, flip; see :mod:`tokenmix.data`), e.g. to look up TokenMix's teacher maps.
+            The engine then calls ``method.mix(x, y, meta=meta)``.
     """
 
     attention_blocks: tuple[int, ...] = ()
     attention_reduce: str = "head_mean"
     tokens: bool = False
     qk: bool | tuple[int, ...] = False
+    sample_meta: bool = False
 
 
 def one_hot(y: Tensor, num_classes: int, smoothing: float = 0.0) -> Tensor:
@@ -215,6 +219,11 @@ class MixMethod:
         checkpoints see them)."""
         self.grid = TokenGrid.from_model(model)
         return model
+
+    def prepare_training(self) -> None:
+        """Called by the engine once before the first training step (after :meth:`prepare_model`;
+        not when a trained model is merely loaded): open what the labels need, e.g. TokenMix's
+        teacher-map cache, so that a missing input fails before training starts."""
 
     def _require_grid(self, x: Tensor) -> TokenGrid:
         if self.grid is None:

@@ -9,6 +9,7 @@ import torch.nn as nn
 
 from .attention import (AttentionCapture, QKCapture, attention_apply, attention_from_qk, attention_modules,
                         reduce_attention)
+from .cnn import CNN_PRESETS, SmallCNN, build_cnn
 from .vit import PRESETS, ConvStemEmbed, ViTPreset
 
 #: timm families the methods support today (name prefixes).
@@ -18,17 +19,17 @@ SMALL_IMAGE: int = 64
 
 
 def available_models() -> list[str]:
-    """The presets plus every timm model of the supported families."""
-    return sorted(PRESETS) + sorted(timm.list_models([f"{p}*" for p in TIMM_FAMILIES]))
+    """The presets (ViT and CNN) plus every timm model of the supported families."""
+    return sorted(PRESETS) + sorted(CNN_PRESETS) + sorted(timm.list_models([f"{p}*" for p in TIMM_FAMILIES]))
 
 
 def _check_name(name: str) -> None:
-    if name in PRESETS:
+    if name in PRESETS or name in CNN_PRESETS:
         return
     if name.startswith(TIMM_FAMILIES) and timm.is_model(name):
         return
     raise ValueError(
-        f"unknown model {name!r}; valid: the presets {', '.join(sorted(PRESETS))}, or a timm model of "
+        f"unknown model {name!r}; valid: the presets {', '.join(sorted(PRESETS) + sorted(CNN_PRESETS))}, or a timm model of "
         f"the families {', '.join(p + '*' for p in TIMM_FAMILIES)} (e.g. deit_tiny_patch16_224; "
         f"list them with tokenmix.models.available_models())"
     )
@@ -41,6 +42,8 @@ def patch_size_for(name: str, img_size: int, patch_size: int | None = None) -> i
         return int(patch_size)
     if name in PRESETS:
         return PRESETS[name].patch_size
+    if name in CNN_PRESETS:
+        return 4  # total stride of the feature map
     if img_size <= SMALL_IMAGE:
         return 4
     m = re.search(r"patch(\d+)", name)
@@ -53,7 +56,8 @@ def create_model(name: str, num_classes: int, img_size: int, in_chans: int = 3, 
     """Create a model by name.
 
     Args:
-        name: a preset (``vit_cpu``, ...) or a timm ``vit_*`` / ``deit_*`` model name.
+        name: a preset (``vit_cpu``, ...; ``cnn_small`` is a CNN without a token grid, used as
+            TokenMix's teacher) or a timm ``vit_*`` / ``deit_*`` model name.
         num_classes, img_size, in_chans: task shape. timm models at ``img_size <= 64`` use
             ``patch_size=4`` unless one is given (a 32 px image then has an 8x8 token grid).
         patch_size: override the patch size (the tokenizer's total stride for presets).
@@ -67,6 +71,10 @@ def create_model(name: str, num_classes: int, img_size: int, in_chans: int = 3, 
         valid = [s for s in range(max(p, img_size - 2 * p), img_size + 2 * p + 1) if s % p == 0]
         raise ValueError(f"img_size {img_size} is not divisible by the patch size {p} of {name!r}; "
                          f"valid nearby sizes: {', '.join(map(str, valid))}")
+    if name in CNN_PRESETS:
+        if pretrained:
+            raise ValueError(f"preset {name!r} has no pretrained weights")
+        return build_cnn(name, num_classes, in_chans)
     if name in PRESETS:
         if pretrained:
             raise ValueError(f"preset {name!r} has no pretrained weights")
@@ -80,5 +88,5 @@ def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-__all__ = ["AttentionCapture", "QKCapture", "attention_apply", "attention_from_qk", "ConvStemEmbed", "PRESETS", "TIMM_FAMILIES", "ViTPreset", "attention_modules",
+__all__ = ["CNN_PRESETS", "SmallCNN", "AttentionCapture", "QKCapture", "attention_apply", "attention_from_qk", "ConvStemEmbed", "PRESETS", "TIMM_FAMILIES", "ViTPreset", "attention_modules",
            "available_models", "count_parameters", "create_model", "patch_size_for", "reduce_attention"]

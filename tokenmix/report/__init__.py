@@ -2,7 +2,9 @@
 
 ``python -m tokenmix report --runs runs --figures figures`` (``make figures``) calls :func:`main`,
 which writes ``training_curves.{png,svg}``, ``results.md`` and ``results.csv`` from the complete
-runs. The notebooks show the same functions' figures.
+runs, and ``tokenmix_occlusion.{png,svg,csv}`` (TokenMix's Figure 5) when there are complete
+Fashion-MNIST runs of CutMix and TokenMix (:func:`~tokenmix.report.tokenmix.write_tokenmix_occlusion`).
+The notebooks show the same functions' figures.
 """
 from __future__ import annotations
 
@@ -77,6 +79,12 @@ def main(argv: Sequence[str] | None = None) -> int:
               f"`python -m tokenmix train --out_dir {args.runs}`.")
         return 0
     paths = write_report(args.runs, args.figures)
+    from .tokenmix import OCCLUSION_METHODS, write_tokenmix_occlusion
+    occlusion = write_tokenmix_occlusion(args.runs, args.figures)
+    if not occlusion:
+        print(f"tokenmix report: no complete fashion_mnist runs of {' and '.join(OCCLUSION_METHODS)} with one "
+              "model (and checkpoints); occlusion figure skipped")
+    paths += occlusion
     if args.readme:
         md = (Path(args.figures) / "results.md").read_text()
         md = md.split("\n", 1)[1].lstrip("\n") if md.startswith("# ") else md  # drop the file's own title
@@ -94,9 +102,19 @@ __all__ = ["OUTPUTS", "RESULT_COLUMNS", "figure_bytes", "main", "markdown_table"
            "show_attention", "show_images", "show_mixed_batch", "summary_table", "token_map_to_pixels",
            "unnormalize", "update_readme", "write_if_changed", "write_report"]
 
-# method figures: TransMix (notebooks/01_transmix) and TL-Align (notebooks/05_tl_align)
+# method figures: TransMix (notebooks/01_transmix), TokenMix (notebooks/02_tokenmix) and TL-Align
+# (notebooks/05_tl_align)
 from .tlalign import plot_layerwise_ratios, plot_token_presence, show_label_alignment  # noqa: E402
+from .tokenmix import (OCCLUSION_OUTPUTS, alignment_views, find_occlusion_runs, find_root,  # noqa: E402
+                       mask_count_statistics, mask_count_table, mask_examples, occlusion_curves,
+                       occlusion_runs, occlusion_table, occlusion_test_set, open_teacher_maps, plot_count_statistics,
+                       plot_masks, plot_occlusion, plot_teacher_targets, sample_mask_counts, show_map_alignment,
+                       teacher_mix, write_tokenmix_occlusion)
 from .transmix import plot_transmix_lambdas, show_token_masks, show_transmix_samples, transmix_ratios_table  # noqa: E402
 
 __all__ += ["plot_layerwise_ratios", "plot_token_presence", "plot_transmix_lambdas", "show_label_alignment",
             "show_token_masks", "show_transmix_samples", "transmix_ratios_table"]
+__all__ += ["OCCLUSION_OUTPUTS", "alignment_views", "find_occlusion_runs", "find_root",             "mask_count_statistics", "mask_count_table", "mask_examples", "occlusion_curves", "occlusion_runs",
+            "occlusion_table", "occlusion_test_set", "open_teacher_maps", "plot_count_statistics", "plot_masks",
+            "plot_occlusion", "plot_teacher_targets", "sample_mask_counts", "show_map_alignment", "teacher_mix",
+            "write_tokenmix_occlusion"]

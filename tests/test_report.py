@@ -30,11 +30,13 @@ def _close_figures():
 
 
 def fake_run(root, run_id, method="cutmix", seed=0, final=70.0, best=None, tpe=10.0, ips=100.0,
-             model="vit_cpu", dataset="fashion_mnist", epochs=2, variant="official", status="complete"):
+             model="vit_cpu", dataset="fashion_mnist", epochs=2, variant="official", status="complete",
+             method_kwargs=None):
     """A run folder as the engine writes it (only the fields the report reads matter)."""
     d = root / run_id
     atomic_write_json(d / "config.json", {"method": method, "variant": variant, "model": model,
-                                          "dataset": dataset, "seed": seed, "epochs": epochs})
+                                          "dataset": dataset, "seed": seed, "epochs": epochs,
+                                          "method_kwargs": method_kwargs or {}})
     best = final if best is None else best
     history = [{"epoch": e + 1, "train_loss": 2.0 - 0.1 * e, "top1": final - (epochs - 1 - e),
                 "epoch_time": tpe, "images_per_s": ips} for e in range(epochs)]
@@ -110,6 +112,16 @@ def test_results_table_single_seed_has_no_std_and_rows_are_sorted(runs_dir):
     keys = list(zip(df.dataset, df.model, df.method))
     assert keys == sorted(keys)
     assert results_table([]).empty
+
+
+def test_results_table_keeps_method_kwargs_apart(tmp_path):
+    """Runs that differ in method_kwargs (e.g. TokenMix's labels) are separate rows, not seeds."""
+    fake_run(tmp_path, "a", method="tokenmix", final=80.0)
+    fake_run(tmp_path, "b", method="tokenmix", final=70.0, method_kwargs={"labels": "area", "mask": "random"})
+    fake_run(tmp_path, "c", method="tokenmix", seed=1, final=60.0, variant="paper")
+    df = results_table(list_runs(tmp_path))
+    assert sorted(df["method"]) == ["tokenmix", "tokenmix[paper]", "tokenmix{labels=area,mask=random}"]
+    assert (df["n_seeds"] == 1).all()
 
 
 def cells(line: str) -> list[str]:

@@ -264,6 +264,14 @@ def test_plot_occlusion_and_table(tmp_path):
     assert list(t.columns) == ["0 %", "50 %"] and t.loc["tokenmix", "50 %"] == 60.0
 
 
+def test_plot_occlusion_gives_every_curve_its_own_colour():
+    c = {0.0: 90.0, 0.5: 50.0}
+    names = ["cutmix", "tokenmix", "tokenmix{labels=area}", "tokenmix[paper]"]
+    fig = plot_occlusion({n: c for n in names})
+    colours = [line.get_color() for line in fig.axes[0].lines]
+    assert len(set(colours)) == len(names)
+
+
 def test_find_root(tmp_path, repo_root):
     assert find_root(repo_root / "notebooks") == repo_root
     assert find_root(repo_root) == repo_root

@@ -19,11 +19,15 @@ RESULT_COLUMNS: tuple[str, ...] = ("method", "model", "dataset", "epochs", "n_se
 REFERENCE_METHOD = "cutmix"
 
 
-def _method_label(run: Run) -> str:
+def method_label(run: Run) -> str:
+    """``method``, ``method[variant]`` for non-official variants, then ``{k=v,...}`` for the
+    run's ``method_kwargs`` (runs that differ in them are different rows, not seeds)."""
     cfg, summ = run.config, run.summary or {}
     method = str(cfg.get("method", summ.get("method", "?")))
     variant = cfg.get("variant", summ.get("variant", "official"))
-    return method if not variant or variant == "official" else f"{method}[{variant}]"
+    label = method if not variant or variant == "official" else f"{method}[{variant}]"
+    kwargs = cfg.get("method_kwargs") or {}
+    return label + ("{" + ",".join(f"{k}={v}" for k, v in sorted(kwargs.items())) + "}" if kwargs else "")
 
 
 def _num(v: Any) -> float:
@@ -55,7 +59,7 @@ def results_table(runs: Sequence[Run]) -> pd.DataFrame:
         if not run.complete:
             continue
         cfg, summ = run.config, run.summary or {}
-        key = (_method_label(run), str(cfg.get("model", summ.get("model", "?"))),
+        key = (method_label(run), str(cfg.get("model", summ.get("model", "?"))),
                str(cfg.get("dataset", summ.get("dataset", "?"))))
         rows.setdefault(key, []).append(run)
     out = []

@@ -35,6 +35,7 @@ from ..methods.tokenmix import TokenMix, official_token_count, paper_token_count
 from ..runs import Run, list_runs, load_run
 from .figures import (ArrayLike, _class_name, _draw_token_grid, _finish, _imshow, _tensor, save_figure,
                       token_map_to_pixels, unnormalize, write_if_changed)
+from .tables import method_label
 from .transmix import OWN_COLOUR, PARTNER_COLOUR, _draw_box
 
 #: line colours of the methods (the paper's Figures 4-6: TokenMix red, CutMix green)
@@ -465,8 +466,17 @@ def plot_count_statistics(counts: Mapping[TokenGrid, Mapping[str, np.ndarray]], 
 # ---------------------------------------------------------------------------------------------
 # occlusion robustness (Figure 5)
 
-def _colour(name: str) -> str | None:
-    return next((c for k, c in METHOD_COLOURS.items() if name.startswith(k)), None)
+#: colours of curves that are not a plain method (variants, method_kwargs), in order of appearance
+OTHER_COLOURS = ("tab:blue", "tab:purple", "tab:orange", "tab:brown", "tab:olive", "tab:cyan")
+
+
+def _colour(name: str, names: Sequence[str] = ()) -> str:
+    """The method's colour for a plain method name; otherwise the next colour of OTHER_COLOURS by the
+    name's position among the other names (so variants of one method stay distinguishable)."""
+    if name in METHOD_COLOURS:
+        return METHOD_COLOURS[name]
+    others = [n for n in names if n not in METHOD_COLOURS] or [name]
+    return OTHER_COLOURS[others.index(name) % len(OTHER_COLOURS)] if name in others else OTHER_COLOURS[0]
 
 
 def plot_occlusion(curves: Mapping[str, Mapping[float, float]], reference: str | None = None,
@@ -490,7 +500,7 @@ def plot_occlusion(curves: Mapping[str, Mapping[float, float]], reference: str |
     ax = axes[0, 0]
     for name, c in curves.items():
         r = sorted(c)
-        ax.plot([100 * v for v in r], [c[v] for v in r], marker="o", label=name, color=_colour(name))
+        ax.plot([100 * v for v in r], [c[v] for v in r], marker="o", label=name, color=_colour(name, list(curves)))
     ax.set(xlabel="dropped patches (%)", ylabel="top-1 accuracy (%)", title="accuracy under occlusion")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
@@ -501,7 +511,7 @@ def plot_occlusion(curves: Mapping[str, Mapping[float, float]], reference: str |
                 continue
             r = sorted(set(curves[name]) & set(curves[ref]))
             ax2.plot([100 * v for v in r], [curves[name][v] - curves[ref][v] for v in r], marker="o", label=name,
-                     color=_colour(name))
+                     color=_colour(name, list(curves)))
         ax2.axhline(0, color="0.6", lw=1)
         ax2.set(xlabel="dropped patches (%)", ylabel=f"top-1 minus {ref} (points)", title=f"difference to {ref}")
         ax2.grid(alpha=0.3)
@@ -534,11 +544,6 @@ def find_occlusion_runs(runs_dir: str | Path, dataset: str = "fashion_mnist",
     return []
 
 
-def _curve_name(run: Run) -> str:
-    method, variant = run.config.get("method", "?"), run.config.get("variant", "official")
-    return method if variant in ("official", None, "") else f"{method} ({variant})"
-
-
 def write_tokenmix_occlusion(runs_dir: str | Path, figures_dir: str | Path, n_images: int = 2000,
                              ratios: Sequence[float] = OCCLUSION_RATIOS, seed: int = 0, batch_size: int = 500,
                              dataset: str = "fashion_mnist") -> list[Path]:
@@ -561,7 +566,7 @@ def write_tokenmix_occlusion(runs_dir: str | Path, figures_dir: str | Path, n_im
     per_run = occlusion_curves({r.run_id: r.path for r in runs}, images, labels, ratios, fill, seed, batch_size)
     groups: dict[str, list[dict[float, float]]] = {}
     for r in sorted(runs, key=lambda r: (OCCLUSION_METHODS.index(r.config["method"]), r.run_id)):
-        groups.setdefault(_curve_name(r), []).append(per_run[r.run_id])
+        groups.setdefault(method_label(r), []).append(per_run[r.run_id])
     curves = {(k if len(v) == 1 else f"{k} (mean of {len(v)} runs)"): {q: float(np.mean([c[q] for c in v]))
                                                                        for q in v[0]} for k, v in groups.items()}
     out = Path(figures_dir)

@@ -207,6 +207,40 @@ def test_image_folder(tmp_path):
     assert sorted(lbl for _, lbl in test.samples) == [0, 0, 1, 1]
 
 
+def test_image_folder_with_sample_meta(tmp_path):
+    """ImageNet-style folders: the training set reports the RandomResizedCrop box and the flip it applied."""
+    import torchvision.transforms.functional as TF
+    from PIL import Image
+    rs = np.random.default_rng(0)
+    for split in ("train", "val"):
+        for cls in ("ant", "bee"):
+            d = tmp_path / split / cls
+            d.mkdir(parents=True)
+            for i in range(2):
+                Image.fromarray(rs.integers(0, 256, (40, 48, 3), dtype=np.uint8)).save(d / f"{i}.png")
+    train, test, _ = D.build_datasets("imagenet", 32, data_dir=tmp_path, train_meta=True)
+    assert isinstance(train, D.ImageFolderWithMeta) and D.with_sample_meta(train) is train
+    assert D.with_sample_meta(D.build_datasets("imagenet", 32, data_dir=tmp_path)[0]) is None
+    img, label, meta = train[3]
+    assert img.shape == (3, 32, 32) and label == 1 and int(meta["index"]) == 3
+    y0, x0, y1, x1 = meta["box"].tolist()
+    assert 0 <= y0 < y1 <= 1 and 0 <= x0 < x1 <= 1
+    assert len(test[0]) == 2  # the test set is untouched
+    # the recorded box and flip reproduce the primary transform's output exactly
+    src = Image.fromarray(rs.integers(0, 256, (40, 48, 3), dtype=np.uint8))
+    prim = D.CropFlipWithMeta(24)
+    seen = set()
+    for seed in range(12):
+        torch.manual_seed(seed)
+        out, (y0, x0, y1, x1), flipped = prim(src)
+        top, left, h, w = round(y0 * 40), round(x0 * 48), round((y1 - y0) * 40), round((x1 - x0) * 48)
+        ref = TF.resized_crop(src, top, left, h, w, [24, 24], prim.rrc.interpolation)
+        ref = TF.hflip(ref) if flipped else ref
+        assert np.array_equal(np.asarray(out), np.asarray(ref))
+        seen.add(flipped)
+    assert seen == {True, False}
+
+
 def test_image_folder_missing_split(tmp_path):
     (tmp_path / "train" / "a").mkdir(parents=True)
     with pytest.raises(FileNotFoundError, match="val"):

@@ -357,3 +357,30 @@ def test_with_sample_meta_copies():
     assert with_sample_meta(TensorDataset(torch.zeros(4, 1))) is None
     with pytest.raises(ValueError, match="TensorTransform"):
         InMemoryImages(torch.zeros(2, 1, 4, 4, dtype=torch.uint8), torch.zeros(2), lambda t: t.float(), with_meta=True)
+
+
+def test_build_from_a_state_dict_checkpoint_reproduces_the_maps(teacher_cache, tmp_path):
+    """``checkpoint=<teacher.pt>`` loads the teacher instead of training it: same weights, same maps."""
+    data_dir, path = teacher_cache
+    out = build_teacher_maps("synthetic", 32, data_dir=data_dir, path=tmp_path / "again",
+                             checkpoint=str(path / "teacher.pt"), progress=False, device="cpu", splits=("train",))
+    a = load_teacher_maps("synthetic", 32, data_dir=data_dir, path=path)
+    b = load_teacher_maps("synthetic", 32, data_dir=data_dir, path=out)
+    np.testing.assert_array_equal(np.asarray(a.values), np.asarray(b.values))
+    np.testing.assert_array_equal(np.asarray(a.classes), np.asarray(b.classes))
+    assert b.meta["checkpoint"].endswith("teacher.pt")
+    assert b.meta["teacher_metrics"]["top1"] == a.meta["teacher_metrics"]["top1"]  # evaluated, not retrained
+
+
+def test_build_from_a_vit_run_folder(tmp_path):
+    """A tokenmix run folder (a ViT trained by the engine) as the teacher: maps on its token grid."""
+    from tokenmix import RunConfig
+    from tokenmix.engine import train
+    train(RunConfig(method="cutmix", dataset="synthetic", img_size=32, train_subset=64, test_subset=32, epochs=1,
+                    batch_size=32, warmup_epochs=0.0, out_dir=str(tmp_path / "runs"), run_id="vit", progress=False))
+    out = build_teacher_maps("synthetic", 32, "vit_cpu", data_dir=tmp_path, checkpoint=str(tmp_path / "runs" / "vit"),
+                             top_k=3, progress=False, device="cpu", splits=("train",))
+    maps = load_teacher_maps("synthetic", 32, "vit_cpu", data_dir=tmp_path, top_k=3)
+    assert out == cache_dir("synthetic", 32, "vit_cpu", tmp_path)
+    assert maps.values.shape == (512, 3, 8, 8)  # 32 px, patch 4: 8x8 tokens
+    assert np.all(np.diff(np.asarray(maps.values, dtype=np.float32), axis=1) <= 0)  # top-k, descending

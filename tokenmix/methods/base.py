@@ -128,7 +128,7 @@ class Needs:
             arrive in ``ModelOutputs.qk`` as ``[(q, k, scale), ...]`` in block order.
         sample_meta: the method's ``mix`` needs each sample's metadata (``meta`` = dataset index,
             crop box, flip; see :mod:`tokenmix.data`), e.g. to look up TokenMix's teacher maps.
-            The engine then calls ``method.mix(x, y, meta=meta)``.
+            The engine then calls ``method.mix(x, y, meta=meta)`` (meta as collated, on the CPU).
     """
 
     attention_blocks: tuple[int, ...] = ()

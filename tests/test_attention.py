@@ -267,3 +267,20 @@ def test_autocast_bfloat16_returns_float32(vit_cpu_gray):
         assert cap[blk].dtype == torch.float32
         torch.testing.assert_close(cap[blk].sum(-1), torch.ones(cap[blk].shape[:-1]), atol=2e-2, rtol=0)
     assert _state(vit_cpu_gray)[0] == [True] * 4
+
+
+def test_self_attention_map_equals_the_captured_map():
+    """``self_attention_map`` (a recomputation from the module's weights) equals the map the block computes."""
+    from tokenmix.models import self_attention_map
+    torch.manual_seed(0)
+    m = create_model("vit_cpu", 10, 16, 1).eval()
+    x = torch.randn(2, 1, 16, 16)
+    seen = {}
+    h = m.blocks[2].register_forward_pre_hook(lambda mod, a: seen.__setitem__("x", a[0]))
+    with AttentionCapture(m, (2,), "none") as cap:
+        m(x)
+    h.remove()
+    with torch.no_grad():
+        mine = self_attention_map(m.blocks[2].attn, m.blocks[2].norm1(seen["x"]))
+    torch.testing.assert_close(mine, cap[2], atol=1e-5, rtol=1e-5)
+    assert mine.shape == (2, 3, 17, 17)

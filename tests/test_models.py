@@ -8,8 +8,8 @@ import torch
 import torch.nn as nn
 from timm.layers import PatchEmbed
 
-from tokenmix.models import (CNN_PRESETS, PRESETS, ConvStemEmbed, available_models, count_parameters, create_model,
-                             patch_size_for)
+from tokenmix.models import (CCT_PRESETS, CNN_PRESETS, PRESETS, ConvStemEmbed, available_models, count_parameters,
+                             create_model, patch_size_for)
 
 
 @pytest.mark.parametrize("name", sorted(PRESETS))
@@ -112,7 +112,7 @@ def test_available_models():
     names = available_models()
     assert set(PRESETS) <= set(names)
     assert "deit_tiny_patch16_224" in names and "vit_tiny_patch16_224" in names
-    assert all(n in PRESETS or n in CNN_PRESETS or n.startswith(("vit_", "deit_")) for n in names)
+    assert all(n in PRESETS or n in CNN_PRESETS or n in CCT_PRESETS or n.startswith(("vit_", "deit_")) for n in names)
     assert set(CNN_PRESETS) <= set(names)
 
 

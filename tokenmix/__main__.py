@@ -126,12 +126,15 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{name:14s} " + ", ".join(f"{k}={v!r}" for k, v in params.items()))
         return 0
     if cmd == "models":
-        from .models import CNN_PRESETS, PRESETS, available_models
+        from .models import CCT_PRESETS, CNN_PRESETS, PRESETS, available_models
         for name, preset in PRESETS.items():
             print(f"{name:16s} {preset.description}")
+        for name, cct in CCT_PRESETS.items():
+            print(f"{name:16s} {cct.description}")
         for name, (_, desc) in CNN_PRESETS.items():
             print(f"{name:16s} {desc}")
-        print(f"... and {len(available_models()) - len(PRESETS) - len(CNN_PRESETS)} timm models (vit_*, deit_*)")
+        n_presets = len(PRESETS) + len(CCT_PRESETS) + len(CNN_PRESETS)
+        print(f"... and {len(available_models()) - n_presets} timm models (vit_*, deit_*)")
         return 0
     if cmd == "bench":
         return _bench(rest)

@@ -28,7 +28,7 @@ class RunConfig:
 
     # what to train
     method: str = "cutmix"
-    variant: str = "official"
+    variant: str = ""  # "" = the method's default (official; paper for tokenmixup), filled in at validation
     model: str = "vit_cpu"
     dataset: str = "fashion_mnist"
     img_size: int = 28
@@ -73,6 +73,9 @@ class RunConfig:
 
     def __post_init__(self) -> None:
         self.validate()
+        if not self.variant:  # resolved, so that run records name the variant actually used
+            from . import methods
+            self.variant = methods.parameters(self.method).get("variant") or "official"
 
     # -- construction -----------------------------------------------------------------------
     @classmethod
@@ -120,7 +123,8 @@ class RunConfig:
                 raise ConfigError(f"unknown {name} {value!r}; valid: {', '.join(valid)}")
 
         choice("method", self.method, methods.available())
-        choice("variant", self.variant, methods.method_class(self.method).variants)
+        if self.variant:  # "" = the method's default
+            choice("variant", self.variant, methods.method_class(self.method).variants)
         choice("dataset", self.dataset, DATASETS)
         choice("cutmix_snap", self.cutmix_snap, ("pixel", "token"))
         if not (self.device in ("auto", "cpu", "cuda", "mps") or self.device.startswith("cuda:")):

@@ -2,7 +2,7 @@
 
 >>> from tokenmix import methods
 >>> methods.available()
-['cutmix', 'mixup', 'mixup_cutmix', 'none', 'tl_align', 'tokenmix', 'transmix']
+['cutmix', 'mixup', 'mixup_cutmix', 'none', 'tl_align', 'tokenmix', 'tokenmixup', 'transmix']
 >>> m = methods.get("cutmix", num_classes=10, cutmix_alpha=1.0)
 """
 from __future__ import annotations
@@ -14,6 +14,7 @@ from .base import MixedBatch, MixMethod, ModelOutputs, Needs, TokenGrid, one_hot
 from .baselines import CutMix, Mixup, MixupCutMix
 from .tlalign import TLAlign
 from .tokenmix import TokenMix
+from .tokenmixup import TokenMixup
 from .transmix import TransMix
 
 _REGISTRY: dict[str, type[MixMethod]] = {}
@@ -27,7 +28,7 @@ def register(cls: type[MixMethod]) -> type[MixMethod]:
     return cls
 
 
-for _cls in (MixMethod, Mixup, CutMix, MixupCutMix, TransMix, TLAlign, TokenMix):
+for _cls in (MixMethod, Mixup, CutMix, MixupCutMix, TransMix, TLAlign, TokenMix, TokenMixup):
     register(_cls)
 
 
@@ -62,5 +63,5 @@ def get(name: str, **params: Any) -> MixMethod:
 
 
 __all__ = ["MixMethod", "MixedBatch", "ModelOutputs", "Needs", "TokenGrid", "Mixup", "CutMix",
-           "MixupCutMix", "TLAlign", "TokenMix", "TransMix", "available", "get", "method_class", "parameters", "register", "one_hot",
+           "MixupCutMix", "TLAlign", "TokenMix", "TokenMixup", "TransMix", "available", "get", "method_class", "parameters", "register", "one_hot",
            "soft_target_cross_entropy"]

@@ -8,7 +8,8 @@ import timm
 import torch.nn as nn
 
 from .attention import (AttentionCapture, QKCapture, attention_apply, attention_from_qk, attention_modules,
-                        reduce_attention)
+                        reduce_attention, self_attention_map)
+from .cct import CCT, CCT_PRESETS, CCTPreset, CCTTokenizer, SequencePooling, build_cct
 from .cnn import CNN_PRESETS, SmallCNN, build_cnn
 from .vit import PRESETS, ConvStemEmbed, ViTPreset
 
@@ -19,17 +20,19 @@ SMALL_IMAGE: int = 64
 
 
 def available_models() -> list[str]:
-    """The presets (ViT and CNN) plus every timm model of the supported families."""
-    return sorted(PRESETS) + sorted(CNN_PRESETS) + sorted(timm.list_models([f"{p}*" for p in TIMM_FAMILIES]))
+    """The presets (ViT, CCT and CNN) plus every timm model of the supported families."""
+    return (sorted(PRESETS) + sorted(CCT_PRESETS) + sorted(CNN_PRESETS)
+            + sorted(timm.list_models([f"{p}*" for p in TIMM_FAMILIES])))
 
 
 def _check_name(name: str) -> None:
-    if name in PRESETS or name in CNN_PRESETS:
+    if name in PRESETS or name in CCT_PRESETS or name in CNN_PRESETS:
         return
     if name.startswith(TIMM_FAMILIES) and timm.is_model(name):
         return
     raise ValueError(
-        f"unknown model {name!r}; valid: the presets {', '.join(sorted(PRESETS) + sorted(CNN_PRESETS))}, or a timm model of "
+        f"unknown model {name!r}; valid: the presets "
+        f"{', '.join(sorted(PRESETS) + sorted(CCT_PRESETS) + sorted(CNN_PRESETS))}, or a timm model of "
         f"the families {', '.join(p + '*' for p in TIMM_FAMILIES)} (e.g. deit_tiny_patch16_224; "
         f"list them with tokenmix.models.available_models())"
     )
@@ -38,6 +41,12 @@ def _check_name(name: str) -> None:
 def patch_size_for(name: str, img_size: int, patch_size: int | None = None) -> int:
     """The (effective) patch size ``create_model`` will use; validates the name."""
     _check_name(name)
+    if name in CCT_PRESETS:
+        stride = CCT_PRESETS[name].patch_size
+        if patch_size and int(patch_size) != stride:
+            raise ValueError(f"model {name!r} has a fixed tokenizer stride (patch size) of {stride}; "
+                             f"got patch_size={patch_size}")
+        return stride
     if patch_size:
         return int(patch_size)
     if name in PRESETS:
@@ -56,15 +65,19 @@ def create_model(name: str, num_classes: int, img_size: int, in_chans: int = 3, 
     """Create a model by name.
 
     Args:
-        name: a preset (``vit_cpu``, ...; ``cnn_small`` is a CNN without a token grid, used as
-            TokenMix's teacher) or a timm ``vit_*`` / ``deit_*`` model name.
+        name: a preset (``vit_cpu``, ...; ``cct_7_3x1`` / ``cct_7_3x1_sine``, the Compact
+            Convolutional Transformer of TokenMixup's CIFAR runs; ``cnn_small`` is a CNN without a
+            token grid, used as TokenMix's teacher) or a timm ``vit_*`` / ``deit_*`` model name.
         num_classes, img_size, in_chans: task shape. timm models at ``img_size <= 64`` use
             ``patch_size=4`` unless one is given (a 32 px image then has an 8x8 token grid).
-        patch_size: override the patch size (the tokenizer's total stride for presets).
-        drop_path_rate: stochastic depth rate.
+        patch_size: override the patch size (the tokenizer's total stride for presets; CCT
+            presets have a fixed stride of 2 and accept only 2 or None).
+        drop_path_rate: stochastic depth rate (CCT: the rate of the last layer, linear from 0;
+            TokenMixup uses 0.1). CCT also takes ``attn_drop_rate`` (default 0.1, as CCT).
         pretrained: timm pretrained weights (needs network access; keep False in tests).
     Raises:
-        ValueError: unknown name, or ``img_size`` not divisible by the patch size.
+        ValueError: unknown name, ``img_size`` not divisible by the patch size (CCT: odd sizes),
+            a patch size other than 2 for CCT, or ``pretrained`` for a preset.
     """
     p = patch_size_for(name, img_size, patch_size)
     if img_size % p:
@@ -75,6 +88,10 @@ def create_model(name: str, num_classes: int, img_size: int, in_chans: int = 3, 
         if pretrained:
             raise ValueError(f"preset {name!r} has no pretrained weights")
         return build_cnn(name, num_classes, in_chans)
+    if name in CCT_PRESETS:
+        if pretrained:
+            raise ValueError(f"preset {name!r} has no pretrained weights")
+        return build_cct(name, num_classes, img_size, in_chans, drop_path_rate=drop_path_rate, **kwargs)
     if name in PRESETS:
         if pretrained:
             raise ValueError(f"preset {name!r} has no pretrained weights")
@@ -88,5 +105,7 @@ def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-__all__ = ["CNN_PRESETS", "SmallCNN", "AttentionCapture", "QKCapture", "attention_apply", "attention_from_qk", "ConvStemEmbed", "PRESETS", "TIMM_FAMILIES", "ViTPreset", "attention_modules",
-           "available_models", "count_parameters", "create_model", "patch_size_for", "reduce_attention"]
+__all__ = ["CCT", "CCT_PRESETS", "CCTPreset", "CCTTokenizer", "SequencePooling", "build_cct",
+           "CNN_PRESETS", "SmallCNN", "AttentionCapture", "QKCapture", "attention_apply", "attention_from_qk", "ConvStemEmbed", "PRESETS", "TIMM_FAMILIES", "ViTPreset", "attention_modules",
+           "available_models", "count_parameters", "create_model", "patch_size_for", "reduce_attention",
+           "self_attention_map"]

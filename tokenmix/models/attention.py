@@ -202,6 +202,15 @@ def attention_from_qk(q: Tensor, k: Tensor, scale: float) -> Tensor:
         return ((q.float() * scale) @ k.float().transpose(-2, -1)).softmax(-1)
 
 
+def self_attention_map(attn: nn.Module, x: Tensor) -> Tensor:
+    """Post-softmax attention of a timm ``Attention`` module on its (normalised) input, recomputed
+    from the module's own ``qkv`` and q/k norms: x (B, T, D) -> (B, H, T, T) float32. Call it
+    under ``torch.no_grad()`` for a saliency pass (TokenMixup's extra attention pass)."""
+    b, t, _ = x.shape
+    qkv = attn.qkv(x).reshape(b, t, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4)
+    return attention_from_qk(attn.q_norm(qkv[0]), attn.k_norm(qkv[1]), attn.scale)
+
+
 def attention_apply(q: Tensor, k: Tensor, v: Tensor, scale: float) -> Tensor:
     """Head-mean attention applied to per-token values: mean_h softmax(q_h k_h^T * scale) @ v.
 

@@ -1,0 +1,605 @@
+"""TokenMixup pure functions (tokenmix.methods.tokenmixup): saliency, gains, Hungarian matching,
+masks (paper / official row-0), Eq. 11 labels, difficulty gate, ScoreNet, HTM on a batch, VTM
+helpers.
+
+Expected values are computed independently in the tests (by hand, by brute force or with plain
+loops), never copied from the implementation's output.
+"""
+from __future__ import annotations
+
+import itertools
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+
+from tokenmix.methods.base import one_hot
+from tokenmix.methods.tokenmixup import (
+    ScoreNet,
+    cross_attention,
+    difficulty,
+    easy_samples,
+    horizontal_mix,
+    htm_label,
+    htm_mask,
+    match_partners,
+    saliency_from_attention,
+    token_gains,
+    top_salient_tokens,
+)
+
+K = 5
+
+
+# ---------------------------------------------------------------------------------------------
+# helpers (independent of the implementation)
+# ---------------------------------------------------------------------------------------------
+def brute_force_best(gain: np.ndarray) -> float:
+    """Best total gain over all injective row -> column assignments."""
+    m, b = gain.shape
+    if m == 0:
+        return 0.0
+    return max(sum(gain[i, c] for i, c in enumerate(cols)) for cols in itertools.permutations(range(b), m))
+
+
+def random_batch(b: int, n: int, p: int, d: int = 3, seed: int = 0, dtype=torch.float64):
+    g = torch.Generator().manual_seed(seed)
+    tokens = torch.randn(b, p + n, d, generator=g, dtype=dtype)
+    sal = torch.rand(b, n, generator=g, dtype=dtype)
+    sal = sal / sal.sum(1, keepdim=True)
+    y = torch.randint(0, K, (b,), generator=g)
+    target = one_hot(y, K, smoothing=0.1).to(dtype)
+    return tokens, sal, target
+
+
+# ---------------------------------------------------------------------------------------------
+# saliency
+# ---------------------------------------------------------------------------------------------
+def test_saliency_modes_on_hand_made_attention():
+    # B=1, H=2, T=3 (CLS + 2 patches); rows are queries, each sums to 1
+    h0 = [[0.2, 0.5, 0.3],
+          [0.1, 0.6, 0.3],
+          [0.4, 0.4, 0.2]]
+    h1 = [[0.4, 0.1, 0.5],
+          [0.3, 0.3, 0.4],
+          [0.2, 0.2, 0.6]]
+    attn = torch.tensor([[h0, h1]])
+    # cls: row 0, patch columns, head mean: [(0.5+0.1)/2, (0.3+0.5)/2]
+    cls = saliency_from_attention(attn, 1, "cls")
+    assert torch.allclose(cls, torch.tensor([[0.3, 0.4]]))
+    # query_mean: column mean over the 2 patch queries (rows 1, 2), then head mean
+    # col1: h0 (0.6+0.4)/2 = 0.5, h1 (0.3+0.2)/2 = 0.25 -> 0.375
+    # col2: h0 (0.3+0.2)/2 = 0.25, h1 (0.4+0.6)/2 = 0.5 -> 0.375
+    qm = saliency_from_attention(attn, 1, "query_mean")
+    assert torch.allclose(qm, torch.tensor([[0.375, 0.375]]))
+    assert torch.equal(saliency_from_attention(attn, 1, "auto"), cls)
+    # without prefix: auto = query_mean over all three columns
+    qm0 = saliency_from_attention(attn, 0)
+    expect = torch.tensor([[(0.7 / 3 + 0.9 / 3) / 2, 0.35, (0.8 / 3 + 0.5) / 2]])
+    assert torch.allclose(qm0, expect)
+    assert qm0.shape == (1, 3) and qm0.dtype == torch.float32
+
+
+def test_saliency_query_mean_sums_to_one_without_prefix_and_errors():
+    attn = torch.randn(4, 3, 7, 7).softmax(-1)
+    sal = saliency_from_attention(attn, 0, "query_mean")
+    assert sal.shape == (4, 7)
+    assert torch.allclose(sal.sum(1), torch.ones(4), atol=1e-6)
+    with pytest.raises(ValueError, match="auto.*cls.*query_mean"):
+        saliency_from_attention(attn, 0, "rollout")
+    with pytest.raises(ValueError):
+        saliency_from_attention(attn, 0, "cls")
+    # detached, even when the attention carries gradient
+    a = torch.randn(2, 2, 5, 5, requires_grad=True).softmax(-1)
+    assert not saliency_from_attention(a, 1).requires_grad
+
+
+# ---------------------------------------------------------------------------------------------
+# gains, matching, masks
+# ---------------------------------------------------------------------------------------------
+def test_token_gains_hand_computed():
+    sal_easy = torch.tensor([[0.1, 0.5, 0.4]])
+    sal_all = torch.tensor([[0.1, 0.5, 0.4],
+                            [0.6, 0.2, 0.2],
+                            [0.3, 0.3, 0.4]])
+    s = token_gains(sal_easy, sal_all, rho=0.1)
+    # j=0: itself -> all max(0 - 0.1, 0) = 0
+    # j=1: [0.6-0.1-0.1, 0.2-0.5-0.1, 0.2-0.4-0.1] -> [0.4, 0, 0]
+    # j=2: [0.3-0.1-0.1, 0.3-0.5-0.1, 0.4-0.4-0.1] -> [0.1, 0, 0]
+    expect = torch.tensor([[[0.0, 0.0, 0.0], [0.4, 0.0, 0.0], [0.1, 0.0, 0.0]]])
+    assert s.shape == (1, 3, 3)
+    assert torch.allclose(s, expect, atol=1e-7)
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_match_partners_is_optimal_vs_brute_force(seed):
+    rng = np.random.default_rng(seed)
+    for _ in range(25):
+        b = int(rng.integers(1, 7))
+        m = int(rng.integers(0, b + 1))
+        kind = rng.integers(0, 3)
+        if kind == 0:
+            g = rng.random((m, b))
+        elif kind == 1:  # many ties
+            g = rng.integers(0, 3, (m, b)).astype(float)
+        else:  # zero rows and ties
+            g = rng.integers(0, 2, (m, b)).astype(float)
+            if m:
+                g[rng.integers(0, m)] = 0.0
+        part = match_partners(torch.tensor(g, dtype=torch.float32))
+        assert part.dtype == torch.int64 and part.shape == (m,)
+        cols = part.tolist()
+        assert len(set(cols)) == m and all(0 <= c < b for c in cols)
+        got = sum(float(np.float32(g[i, c])) for i, c in enumerate(cols))
+        best = brute_force_best(g.astype(np.float32).astype(np.float64))
+        assert math.isclose(got, best, rel_tol=1e-6, abs_tol=1e-6)
+
+
+def test_match_partners_edge_cases():
+    assert match_partners(torch.zeros(0, 4)).shape == (0,)
+    assert match_partners(torch.zeros(0, 4)).dtype == torch.int64
+    assert match_partners(torch.tensor([[0.1, 0.7, 0.3]])).tolist() == [1]
+    # greedy would give row 0 column 0 (5) and row 1 column 1 (1) = 6; optimal is 4 + 4 = 8
+    assert match_partners(torch.tensor([[5.0, 4.0], [4.0, 1.0]])).tolist() == [1, 0]
+    with pytest.raises(ValueError):
+        match_partners(torch.zeros(3, 2))
+
+
+def test_htm_mask_paper_vs_official_row0():
+    # M=2 easy rows, B=3 candidates, N=3 tokens; rows 0 and 1 differ on purpose
+    s = torch.zeros(2, 3, 3)
+    s[0, 1] = torch.tensor([0.2, 0.0, 0.0])
+    s[0, 2] = torch.tensor([0.0, 0.3, 0.0])
+    s[1, 1] = torch.tensor([0.0, 0.0, 0.5])
+    s[1, 2] = torch.tensor([0.1, 0.1, 0.1])
+    partners = torch.tensor([1, 2])
+    paper = htm_mask(s, partners, "paper")
+    official = htm_mask(s, partners, "official")
+    assert paper.tolist() == [[True, False, False], [True, True, True]]          # S[m, j*_m] > 0
+    assert official.tolist() == [[True, False, False], [False, True, False]]     # S[0, j*_m] > 0
+    assert htm_mask(s, partners).tolist() == paper.tolist()                      # default = paper
+    assert htm_mask(torch.zeros(0, 3, 4), torch.zeros(0, dtype=torch.long)).shape == (0, 4)
+    with pytest.raises(ValueError, match="official"):
+        htm_mask(s, partners, "released")
+
+
+# ---------------------------------------------------------------------------------------------
+# labels
+# ---------------------------------------------------------------------------------------------
+def test_htm_label_eq11_hand_computed_and_fallback():
+    y_own = torch.tensor([[1.0, 0.0, 0.0], [1.0, 0.0, 0.0]])
+    y_par = torch.tensor([[0.0, 1.0, 0.0], [0.0, 0.0, 1.0]])
+    sal_own = torch.tensor([[0.1, 0.2, 0.3, 0.4], [0.0, 0.0, 0.5, 0.5]])
+    sal_par = torch.tensor([[0.5, 0.1, 0.1, 0.3], [0.2, 0.2, 0.0, 0.0]])
+    mask = torch.tensor([[1, 0, 0, 1], [0, 0, 1, 1]], dtype=torch.bool)
+    out = htm_label(y_own, y_par, sal_own, sal_par, mask)
+    # row 0: s_own = 0.2 + 0.3 = 0.5 (kept), s_par = 0.5 + 0.3 = 0.8 (taken) -> 5/13, 8/13
+    # row 1: s_own = 0 + 0 = 0, s_par = 0 + 0 = 0 -> zero mass, keeps y_own
+    expect = torch.tensor([[5 / 13, 8 / 13, 0.0], [1.0, 0.0, 0.0]])
+    assert torch.allclose(out, expect, atol=1e-6)
+    assert torch.isfinite(out).all()
+
+
+def test_htm_label_sums_to_one():
+    g = torch.Generator().manual_seed(3)
+    m, n = 8, 10
+    y_own = torch.rand(m, K, generator=g).softmax(-1)
+    y_par = torch.rand(m, K, generator=g).softmax(-1)
+    out = htm_label(y_own, y_par, torch.rand(m, n, generator=g), torch.rand(m, n, generator=g),
+                    torch.rand(m, n, generator=g) > 0.5)
+    assert torch.allclose(out.sum(1), torch.ones(m), atol=1e-6)
+    assert (out >= 0).all()
+
+
+# ---------------------------------------------------------------------------------------------
+# difficulty gate
+# ---------------------------------------------------------------------------------------------
+def test_difficulty_official_scale_and_detached():
+    logits = torch.zeros(3, 4, requires_grad=True)
+    target = one_hot(torch.tensor([0, 1, 2]), 4)
+    paper = difficulty(logits, target, "paper")
+    official = difficulty(logits, target, "official")
+    assert torch.allclose(paper, torch.full((3,), math.log(4)))
+    assert torch.allclose(official, torch.full((3,), math.log(4) / 10))
+    assert not paper.requires_grad and not official.requires_grad
+    # soft targets: -sum y log p with p = softmax([2, 0]) and y = [0.3, 0.7]
+    lg = torch.tensor([[2.0, 0.0]])
+    lp = [2 - math.log(math.exp(2) + 1), -math.log(math.exp(2) + 1)]
+    assert math.isclose(float(difficulty(lg, torch.tensor([[0.3, 0.7]]))), -(0.3 * lp[0] + 0.7 * lp[1]),
+                        rel_tol=1e-6)
+    with pytest.raises(ValueError):
+        difficulty(logits, target, "other")
+
+
+def test_easy_samples_boundary():
+    diff = torch.tensor([0.25, 0.5, 0.75])
+    assert easy_samples(diff, 0.5, "paper").tolist() == [True, False, False]     # CE < tau
+    assert easy_samples(diff, 0.5, "official").tolist() == [True, True, False]   # CE/10 <= tau
+    with pytest.raises(ValueError):
+        easy_samples(diff, 0.5, "other")
+
+
+# ---------------------------------------------------------------------------------------------
+# ScoreNet
+# ---------------------------------------------------------------------------------------------
+def test_scorenet_shapes_and_attention_pooling():
+    tokens = torch.randn(3, 1 + 6, 8)
+    net = ScoreNet(8, K, "attention", num_prefix_tokens=1)
+    assert net(tokens).shape == (3, K)
+    w = net.pooling_weights(tokens)
+    assert w.shape == (3, 6) and (w >= 0).all()
+    assert torch.allclose(w.sum(1), torch.ones(3), atol=1e-6)
+    # forward = head(weighted sum of the patch tokens)
+    pooled = torch.einsum("bn,bnd->bd", w, tokens[:, 1:])
+    assert torch.allclose(net(tokens), net.head(pooled), atol=1e-6)
+    # the prefix token takes no part
+    changed = tokens.clone()
+    changed[:, 0] += 100.0
+    assert torch.allclose(net(changed), net(tokens))
+
+    avg = ScoreNet(8, K, "avg", num_prefix_tokens=1)
+    assert torch.allclose(avg(tokens), avg.head(tokens[:, 1:].mean(1)), atol=1e-6)
+    cls = ScoreNet(8, K, "cls", num_prefix_tokens=1)
+    assert torch.allclose(cls(tokens), cls.head(tokens[:, 0]))
+    assert ScoreNet(8, K)(torch.randn(2, 6, 8)).shape == (2, K)
+
+
+def test_scorenet_errors():
+    with pytest.raises(ValueError):
+        ScoreNet(8, K, "cls", num_prefix_tokens=0)
+    with pytest.raises(ValueError, match="attention"):
+        ScoreNet(8, K, "max")
+
+
+# ---------------------------------------------------------------------------------------------
+# horizontal_mix
+# ---------------------------------------------------------------------------------------------
+def check_horizontal(tokens, sal, target, easy, rho, p, variant):
+    """Run horizontal_mix and check every rule against independent loops; return the outputs."""
+    b, t, _ = tokens.shape
+    n = t - p
+    tok_before, tgt_before, sal_before = tokens.clone(), target.clone(), sal.clone()
+    new_tokens, new_target, info = horizontal_mix(tokens, sal, target, easy, rho, p, variant)
+    # inputs untouched
+    assert torch.equal(tokens, tok_before) and torch.equal(target, tgt_before) and torch.equal(sal, sal_before)
+    assert new_tokens.shape == tokens.shape and new_target.shape == target.shape
+    partners, mask = info["partners"], info["mask"]
+    assert partners.dtype == torch.int64 and partners.shape == (b,)
+    assert mask.dtype == torch.bool and mask.shape == (b, n)
+    easy_idx = [i for i in range(b) if easy[i]]
+    # prefix tokens never change
+    assert torch.equal(new_tokens[:, :p], tokens[:, :p])
+    for i in range(b):
+        if i not in easy_idx:   # hard samples bit-identical, no partner, empty mask
+            assert torch.equal(new_tokens[i], tokens[i]) and torch.equal(new_target[i], target[i])
+            assert partners[i] == -1 and not mask[i].any()
+            continue
+        j = int(partners[i])
+        assert 0 <= j < b
+        for tt in range(n):
+            if mask[i, tt]:
+                assert torch.equal(new_tokens[i, p + tt], tokens[j, p + tt])
+            else:
+                assert torch.equal(new_tokens[i, p + tt], tokens[i, p + tt])
+        # Eq. 11 with the partner's input target
+        s_own = sum(float(sal[i, tt]) for tt in range(n) if not mask[i, tt])
+        s_par = sum(float(sal[j, tt]) for tt in range(n) if mask[i, tt])
+        expect = target[i] if s_own + s_par == 0 else (s_own * target[i] + s_par * target[j]) / (s_own + s_par)
+        assert torch.allclose(new_target[i], expect.to(new_target.dtype), atol=1e-6)
+        assert math.isclose(float(new_target[i].sum()), 1.0, rel_tol=1e-5)
+    # partners distinct and optimal over the whole batch
+    chosen = [int(partners[i]) for i in easy_idx]
+    assert len(set(chosen)) == len(chosen)
+    gain = np.array([[sum(max(float(sal[j, tt] - sal[i, tt]) - rho, 0.0) for tt in range(n)) for j in range(b)]
+                     for i in easy_idx]).reshape(len(easy_idx), b)
+    got = sum(gain[r, c] for r, c in enumerate(chosen))
+    assert math.isclose(got, brute_force_best(gain), rel_tol=1e-9, abs_tol=1e-9)
+    # info consistency
+    m = len(easy_idx)
+    assert info["n_mixed"] == float(m) and isinstance(info["n_mixed"], float)
+    exp_rep = float(mask[easy_idx].sum(1).double().mean()) if m else 0.0
+    assert math.isclose(info["tokens_replaced"], exp_rep, abs_tol=1e-9)
+    exp_gain = float(np.mean([gain[r, c] for r, c in enumerate(chosen)])) if m else 0.0
+    assert math.isclose(info["saliency_gain"], exp_gain, rel_tol=1e-6, abs_tol=1e-9)
+    return new_tokens, new_target, info
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_horizontal_mix_rules_random(seed):
+    b, n, p, rho = 6, 9, 1, 0.02
+    tokens, sal, target = random_batch(b, n, p, seed=seed)
+    easy = torch.Generator().manual_seed(100 + seed)
+    easy = torch.rand(b, generator=easy) < 0.6
+    _, _, info = check_horizontal(tokens, sal, target, easy, rho, p, "paper")
+    # replaced iff the partner's saliency exceeds the own by more than rho (paper rule)
+    for i in range(b):
+        if not easy[i]:
+            continue
+        j = int(info["partners"][i])
+        diff = sal[j] - sal[i]
+        assert torch.equal(info["mask"][i], diff - rho > 0)
+        assert (diff[info["mask"][i]] > rho).all() and (diff[~info["mask"][i]] <= rho).all()
+
+
+def test_horizontal_mix_official_row0_mask():
+    b, n, p, rho = 6, 8, 0, 0.01
+    found = False
+    for seed in range(20):
+        tokens, sal, target = random_batch(b, n, p, seed=seed)
+        easy = torch.tensor([True, True, True, False, True, False])
+        _, _, off = check_horizontal(tokens, sal, target, easy, rho, p, "official")
+        _, _, pap = horizontal_mix(tokens, sal, target, easy, rho, p, "paper")
+        assert torch.equal(off["partners"], pap["partners"])   # matching does not depend on the variant
+        first = 0                                               # the first easy sample in batch order
+        for i in range(b):
+            if easy[i]:
+                j = int(off["partners"][i])
+                assert torch.equal(off["mask"][i], sal[j] - sal[first] - rho > 0)
+        found |= not torch.equal(off["mask"], pap["mask"])
+    assert found, "no case where the official row-0 mask differs from the paper mask"
+
+
+def test_horizontal_mix_partner_may_be_a_hard_sample():
+    # one easy sample (M = 1) whose only useful partner is hard sample 2
+    tokens = torch.arange(3 * 4 * 2, dtype=torch.float32).reshape(3, 4, 2)
+    sal = torch.tensor([[0.4, 0.3, 0.2, 0.1],
+                        [0.4, 0.3, 0.2, 0.1],
+                        [0.0, 0.0, 0.1, 0.9]])
+    target = one_hot(torch.tensor([0, 1, 2]), 3)
+    easy = torch.tensor([True, False, False])
+    new_tokens, new_target, info = check_horizontal(tokens, sal, target, easy, 0.05, 0, "paper")
+    assert info["partners"].tolist() == [2, -1, -1]
+    # gains vs sample 2: [0, 0, 0.1-0.2-0.05 -> 0, 0.9-0.1-0.05 = 0.75] -> only token 3 moves
+    assert info["mask"].tolist() == [[False, False, False, True], [False] * 4, [False] * 4]
+    assert torch.equal(new_tokens[0, 3], tokens[2, 3])
+    # s_own = 0.4+0.3+0.2 = 0.9, s_par = 0.9 -> 1/2 and 1/2
+    assert torch.allclose(new_target[0], torch.tensor([0.5, 0.0, 0.5]))
+    assert info["n_mixed"] == 1.0 and info["tokens_replaced"] == 1.0
+    assert math.isclose(info["saliency_gain"], 0.75, rel_tol=1e-5)
+    # official variant with M = 1 is the same (row 0 is the only row)
+    _, _, off = horizontal_mix(tokens, sal, target, easy, 0.05, 0, "official")
+    assert torch.equal(off["mask"], info["mask"])
+
+
+def test_horizontal_mix_no_easy_sample():
+    tokens, sal, target = random_batch(4, 6, 1, seed=7)
+    easy = torch.zeros(4, dtype=torch.bool)
+    new_tokens, new_target, info = check_horizontal(tokens, sal, target, easy, 0.01, 1, "paper")
+    assert torch.equal(new_tokens, tokens) and torch.equal(new_target, target)
+    assert info["n_mixed"] == 0.0 and info["tokens_replaced"] == 0.0 and info["saliency_gain"] == 0.0
+    assert (info["partners"] == -1).all() and not info["mask"].any()
+    horizontal_mix(tokens, sal, target, easy, 0.01, 1, "official")
+
+
+def test_horizontal_mix_all_easy_and_float32():
+    tokens, sal, target = random_batch(5, 7, 2, seed=11, dtype=torch.float32)
+    check_horizontal(tokens, sal, target, torch.ones(5, dtype=torch.bool), 0.0, 2, "paper")
+
+
+def test_horizontal_mix_is_differentiable():
+    b, n, p = 4, 5, 1
+    tokens, sal, target = random_batch(b, n, p, seed=2, dtype=torch.float32)
+    tokens.requires_grad_(True)
+    easy = torch.tensor([True, False, True, True])
+    new_tokens, _, info = horizontal_mix(tokens, sal, target, easy, 0.0, p)
+    assert new_tokens.requires_grad
+    new_tokens.sum().backward()
+    # d(sum)/d(token) = number of output positions reading it (own kept + borrowed by others)
+    expect = torch.zeros(b, p + n)
+    expect[:, :p] = 1
+    for i in range(b):
+        for tt in range(n):
+            src = int(info["partners"][i]) if info["mask"][i, tt] else i
+            expect[src, p + tt] += 1
+    assert info["mask"].any()
+    assert torch.equal(tokens.grad, expect[..., None].expand_as(tokens))
+
+
+def test_horizontal_mix_validates_inputs():
+    tokens, sal, target = random_batch(3, 4, 1)
+    with pytest.raises(ValueError):
+        horizontal_mix(tokens, sal[:, :3], target, torch.ones(3, dtype=torch.bool), 0.0, 1)
+    with pytest.raises(ValueError):
+        horizontal_mix(tokens, sal, target, torch.ones(3), 0.0, 1)
+    with pytest.raises(ValueError):
+        horizontal_mix(tokens, sal, target, torch.ones(3, dtype=torch.bool), 0.0, 1, "released")
+
+
+# ---------------------------------------------------------------------------------------------
+# VTM helpers
+# ---------------------------------------------------------------------------------------------
+def test_top_salient_tokens():
+    tokens = torch.arange(2 * 5 * 2, dtype=torch.float32).reshape(2, 5, 2)   # prefix + 4 patches
+    sal = torch.tensor([[0.1, 0.4, 0.2, 0.3],
+                        [0.7, 0.1, 0.05, 0.15]])
+    top = top_salient_tokens(tokens, sal, 2, num_prefix_tokens=1)
+    # sample 0: patches 1 (0.4) then 3 (0.3) -> token rows 2, 4; sample 1: patches 0, 3 -> rows 1, 4
+    expect = torch.stack([tokens[0, [2, 4]], tokens[1, [1, 4]]])
+    assert torch.equal(top, expect)
+    assert top_salient_tokens(tokens, sal, 4, 1).shape == (2, 4, 2)
+    with pytest.raises(ValueError):
+        top_salient_tokens(tokens, sal, 5, 1)
+
+
+def make_attention(qkv_bias: bool, qk_norm: bool, fused: bool):
+    from timm.models.vision_transformer import Attention
+
+    attn = Attention(16, num_heads=4, qkv_bias=qkv_bias, qk_norm=qk_norm,
+                     norm_layer=nn.LayerNorm if qk_norm else None, attn_drop=0.1, proj_drop=0.1)
+    attn.fused_attn = fused
+    if qkv_bias:
+        nn.init.normal_(attn.qkv.bias)
+    return attn.eval()
+
+
+@pytest.mark.parametrize("fused", [True, False])
+@pytest.mark.parametrize("qkv_bias,qk_norm", [(True, False), (False, False), (True, True)])
+def test_cross_attention_equals_self_attention(fused, qkv_bias, qk_norm):
+    attn = make_attention(qkv_bias, qk_norm, fused)
+    x = torch.randn(2, 7, 16)
+    with torch.no_grad():
+        assert torch.allclose(cross_attention(attn, x, x), attn(x), atol=1e-5)
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_cross_attention_with_extra_keys(fused):
+    attn = make_attention(True, False, fused)
+    params_before = [(name, p.data_ptr(), p.shape) for name, p in attn.named_parameters()]
+    buffers_before = [name for name, _ in attn.named_buffers()]
+    x, extra = torch.randn(2, 7, 16), torch.randn(2, 3, 16)
+    kv = torch.cat([x, extra], 1)
+    out = cross_attention(attn, x, kv)
+    assert out.shape == (2, 7, 16)
+    # independent Eq. 13 per head: softmax(q k^T / sqrt(d)) v, then proj
+    w, bias = attn.qkv.weight, attn.qkv.bias
+    q = x @ w[:16].T + bias[:16]
+    k = kv @ w[16:32].T + bias[16:32]
+    v = kv @ w[32:].T + bias[32:]
+    heads = []
+    for h in range(4):
+        sl = slice(4 * h, 4 * h + 4)
+        a = (q[..., sl] @ k[..., sl].transpose(1, 2) / 2.0).softmax(-1)
+        heads.append(a @ v[..., sl])
+    expect = attn.proj(torch.cat(heads, -1))
+    assert torch.allclose(out, expect, atol=1e-5)
+    # the extra keys matter (it is not self-attention)
+    assert not torch.allclose(out, attn(x), atol=1e-4)
+    # no parameter or buffer created or replaced
+    assert [(name, p.data_ptr(), p.shape) for name, p in attn.named_parameters()] == params_before
+    assert [name for name, _ in attn.named_buffers()] == buffers_before
+    # gradients reach the module's own weights and the stored tokens
+    extra.requires_grad_(True)
+    cross_attention(attn, x, torch.cat([x, extra], 1)).sum().backward()
+    assert attn.qkv.weight.grad is not None and extra.grad is not None and extra.grad.abs().sum() > 0
+
+
+# ---------------------------------------------------------------------------------------------
+# the method: hooks on a real model
+# ---------------------------------------------------------------------------------------------
+import copy  # noqa: E402
+
+from tokenmix import RunConfig, methods  # noqa: E402
+from tokenmix.methods import ModelOutputs  # noqa: E402
+from tokenmix.methods.base import soft_target_cross_entropy  # noqa: E402
+from tokenmix.methods.tokenmixup import TokenMixup, VerticalAttention  # noqa: E402
+from tokenmix.models import create_model  # noqa: E402
+
+
+def _model_and_method(mode: str, **kw):
+    torch.manual_seed(0)
+    base = create_model("vit_cpu", 10, 16, 1)  # 4x4 tokens + CLS, 4 blocks
+    method = methods.get("tokenmixup", num_classes=10, mode=mode, input_mix="none", **kw)
+    model = method.prepare_model(copy.deepcopy(base))
+    return base, model, method
+
+
+@pytest.mark.parametrize("mode", ["htm", "vtm", "hvtm"])
+def test_eval_mode_is_unaffected(mode):
+    base, model, _ = _model_and_method(mode)
+    x = torch.randn(4, 1, 16, 16)
+    base.eval(), model.eval()
+    torch.testing.assert_close(model(x), base(x))
+
+
+def test_vtm_adds_no_parameters_and_wraps_one_attention():
+    base, model, _ = _model_and_method("vtm", vertical_layer=2)
+    assert sum(p.numel() for p in model.parameters()) == sum(p.numel() for p in base.parameters())
+    assert isinstance(model.blocks[2].attn, VerticalAttention)
+    assert not any(isinstance(b.attn, VerticalAttention) for i, b in enumerate(model.blocks) if i != 2)
+
+
+def test_htm_attaches_a_scorenet_to_the_model():
+    base, model, method = _model_and_method("htm")
+    assert isinstance(model.tokenmixup_scorenet, ScoreNet)
+    extra = sum(p.numel() for p in model.parameters()) - sum(p.numel() for p in base.parameters())
+    assert extra == sum(p.numel() for p in model.tokenmixup_scorenet.parameters()) > 0
+
+
+def test_htm_with_no_easy_sample_changes_nothing_but_adds_the_scorenet_loss():
+    base, model, method = _model_and_method("htm", tau=0.0)  # paper: CE < 0 never holds
+    x, y = torch.randn(6, 1, 16, 16), torch.randint(0, 10, (6,))
+    base.train(), model.train()
+    mixed = method.mix(x, y)
+    logits = model(mixed.x)
+    torch.testing.assert_close(logits, base(x))  # no dropout / drop path in the preset
+    state = dict(method._state)
+    loss, info = method.loss(ModelOutputs(logits=logits), mixed)
+    assert info["n_mixed"] == 0
+    expect = soft_target_cross_entropy(logits, mixed.target) + 0.001 * soft_target_cross_entropy(
+        state["scorenet_logits"], state["target_pre"])
+    torch.testing.assert_close(loss, expect)
+
+
+def test_htm_mixes_easy_samples_and_relabels_them():
+    _, model, method = _model_and_method("htm", tau=1e9, rho=0.0, horizontal_layer=1)  # everything easy
+    x, y = torch.randn(6, 1, 16, 16), torch.arange(6)
+    model.train()
+    mixed = method.mix(x, y)
+    logits = model(mixed.x)
+    state = method._state
+    info = state["info"]
+    assert info["n_mixed"] == 6 and info["tokens_replaced"] > 0
+    partners = info["partners"]
+    assert not torch.equal(state["target"], mixed.target)  # relabelled
+    torch.testing.assert_close(state["target"].sum(1), torch.ones(6))
+    loss, info2 = method.loss(ModelOutputs(logits=logits), mixed)
+    assert info2["n_mixed"] == 6 and loss.requires_grad
+    loss.backward()
+    assert model.tokenmixup_scorenet.head.weight.grad is not None
+    assert partners.shape == (6,)
+
+
+def test_htm_block_input_is_the_partner_token_where_masked():
+    _, model, method = _model_and_method("htm", tau=1e9, rho=0.0, horizontal_layer=2)
+    x, y = torch.randn(4, 1, 16, 16), torch.arange(4)
+    model.train()
+    before, after = {}, {}
+    model.blocks[1].register_forward_hook(lambda m, a, out: before.__setitem__("x", out))  # block 2's raw input
+    model.blocks[2].register_forward_pre_hook(lambda m, a: after.__setitem__("x", a[0]))  # after HTM's hook
+    model(method.mix(x, y).x)
+    info = method._state["info"]
+    raw, mixed = before["x"], after["x"]
+    assert torch.equal(mixed[:, 0], raw[:, 0])  # CLS never mixed
+    for i in range(4):
+        j = int(info["partners"][i])
+        m = info["mask"][i]
+        assert torch.equal(mixed[i, 1:][m], raw[j, 1:][m])
+        assert torch.equal(mixed[i, 1:][~m], raw[i, 1:][~m])
+
+
+def test_vtm_changes_the_training_forward_and_stores_kappa_tokens_per_earlier_layer():
+    base, model, method = _model_and_method("vtm", vertical_layer=3, kappa=2)
+    x, y = torch.randn(4, 1, 16, 16), torch.arange(4)
+    base.train(), model.train()
+    out = model(method.mix(x, y).x)
+    assert len(method._store) == 3 and all(t.shape == (4, 2, 96) for t in method._store)
+    assert out.shape == (4, 10) and not torch.allclose(out, base(x))
+    # the stored tokens carry gradient to the earlier layers (not detached)
+    out.sum().backward()
+    assert model.blocks[0].attn.qkv.weight.grad is not None
+
+
+def test_bad_layers_and_choices_raise():
+    with pytest.raises(ValueError, match="valid: 0..3"):
+        methods.get("tokenmixup", num_classes=10, horizontal_layer=4).prepare_model(create_model("vit_cpu", 10, 16, 1))
+    with pytest.raises(ValueError, match="vertical_layer 0"):
+        methods.get("tokenmixup", num_classes=10, mode="vtm", vertical_layer=0).prepare_model(
+            create_model("vit_cpu", 10, 16, 1))
+    with pytest.raises(ValueError, match="valid: htm, vtm, hvtm"):
+        methods.get("tokenmixup", num_classes=10, mode="both")
+
+
+def test_default_variant_is_paper():
+    assert methods.parameters("tokenmixup")["variant"] == "paper"
+    assert RunConfig(method="tokenmixup").variant == "paper" and RunConfig().variant == "official"
+
+
+@pytest.mark.parametrize("mode", ["htm", "vtm", "hvtm"])
+def test_engine_trains_every_mode(tmp_path, mode):
+    from tokenmix.engine import train
+    s = train(RunConfig(method="tokenmixup", method_kwargs={"mode": mode}, dataset="synthetic", img_size=32,
+                        train_subset=64, test_subset=32, epochs=1, batch_size=16, warmup_epochs=0.0,
+                        out_dir=str(tmp_path), run_id=mode, progress=False))
+    assert s["status"] == "complete"

@@ -8,7 +8,9 @@ loops), never copied from the implementation's output.
 from __future__ import annotations
 
 import itertools
+import json
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -518,7 +520,7 @@ def test_htm_attaches_a_scorenet_to_the_model():
 
 
 def test_htm_with_no_easy_sample_changes_nothing_but_adds_the_scorenet_loss():
-    base, model, method = _model_and_method("htm", tau=0.0)  # paper: CE < 0 never holds
+    base, model, method = _model_and_method("htm", tau=0.0)  # CE / 10 <= 0 never holds
     x, y = torch.randn(6, 1, 16, 16), torch.randint(0, 10, (6,))
     base.train(), model.train()
     mixed = method.mix(x, y)
@@ -591,9 +593,34 @@ def test_bad_layers_and_choices_raise():
         methods.get("tokenmixup", num_classes=10, mode="both")
 
 
+@pytest.mark.parametrize("gate, expect", [("official", 6), ("paper", 0)])
+def test_difficulty_gate(gate, expect):
+    """An untrained ScoreNet has CE ~ ln 10 = 2.3: CE / 10 <= 0.5 (official gate) holds for all, CE < 0.5 for none."""
+    _, model, method = _model_and_method("htm", tau=0.5, gate=gate)
+    x, y = torch.randn(6, 1, 16, 16), torch.arange(6)
+    model.train()
+    model(method.mix(x, y).x)
+    assert method._state["info"]["n_mixed"] == expect
+
+
 def test_default_variant_is_paper():
     assert methods.parameters("tokenmixup")["variant"] == "paper"
     assert RunConfig(method="tokenmixup").variant == "paper" and RunConfig().variant == "official"
+
+
+def test_works_on_timm_deit_with_a_cls_token(deit_tiny_32):
+    """HTM + VTM on timm's DeiT-Tiny (CLS token: CLS-row saliency, CLS never mixed); eval unaffected."""
+    base = copy.deepcopy(deit_tiny_32)
+    method = methods.get("tokenmixup", num_classes=10, mode="hvtm", tau=1e9, rho=0.0, horizontal_layer=3,
+                         vertical_layer=5, input_mix="none")
+    model = method.prepare_model(copy.deepcopy(base))
+    x, y = torch.randn(4, 3, 32, 32), torch.arange(4)
+    model.eval(), base.eval()
+    torch.testing.assert_close(model(x), base(x))
+    model.train()
+    logits = model(method.mix(x, y).x)
+    assert logits.shape == (4, 10) and len(method._store) == 5
+    assert method._state["info"]["n_mixed"] == 4 and method._state["info"]["mask"].shape == (4, 64)
 
 
 @pytest.mark.parametrize("mode", ["htm", "vtm", "hvtm"])
@@ -603,3 +630,17 @@ def test_engine_trains_every_mode(tmp_path, mode):
                         train_subset=64, test_subset=32, epochs=1, batch_size=16, warmup_epochs=0.0,
                         out_dir=str(tmp_path), run_id=mode, progress=False))
     assert s["status"] == "complete"
+
+
+@pytest.mark.skipif(not Path("/usr/share/datasets/fashion-mnist").is_dir(), reason="Debian Fashion-MNIST not installed")
+@pytest.mark.parametrize("model", ["cct_7_3x1", "vit_cpu"])
+def test_cli_trains_cct_and_the_vit_preset_on_fashion_mnist(tmp_path, model):
+    """`python -m tokenmix train --method tokenmixup` (HTM + VTM) on CCT-7/3x1 and the CPU ViT."""
+    from tokenmix.__main__ import main
+    rc = main(["train", "--method", "tokenmixup", "--model", model, "--method_kwargs", '{"mode": "hvtm"}',
+               "--train_subset", "64", "--test_subset", "32", "--epochs", "1", "--batch_size", "32",
+               "--warmup_epochs", "0", "--out_dir", str(tmp_path), "--run_id", "r", "--progress", "false"])
+    assert rc == 0
+    summary = json.loads((tmp_path / "r" / "summary.json").read_text())
+    assert summary["status"] == "complete" and summary["variant"] == "paper"
+    assert "n_mixed" in json.loads((tmp_path / "r" / "metrics.jsonl").read_text().splitlines()[0])

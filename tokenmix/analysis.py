@@ -17,12 +17,19 @@ TokenMix (Liu et al., ECCV 2022, https://arxiv.org/abs/2207.08409):
     :func:`occlusion_accuracy` - Figure 5: top-1 accuracy when a growing share of the patches is
     dropped (their pixels set to a constant), the same random patches for every model.
 
+TokenMixup (Choi et al., NeurIPS 2022, https://arxiv.org/abs/2210.07562), saliency detectors:
+    :func:`attention_saliency` - TokenMixup's detector (Eq. 3, 1-step rollout of one block's
+    attention); :func:`attention_rollout` - Abnar & Zuidema's rollout over the blocks;
+    :func:`gradient_saliency` - the input-gradient saliency of Co-Mixup / PuzzleMix, pooled to the
+    token grid; :func:`random_saliency`; :func:`saliency_latency` - their cost per batch (Table 3).
+
 Convention (the package's): every ratio here is the **own** share, i.e. the share of image X1 =
 the image the box is pasted into (``mixed.y``); the partner X2 is ``x[mixed.partner_index]``.
 """
 from __future__ import annotations
 
 import math
+import statistics
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -500,8 +507,196 @@ def occlusion_accuracy(model: nn.Module, images: Tensor, labels: Tensor, grid: T
     return {r: 100.0 * c / n for r, c in correct.items()}
 
 
+# ---------------------------------------------------------------------------------------------
+# TokenMixup: saliency detectors (Figure 3) and their cost (Table 3)
+
+class _StopForward(Exception):
+    """Raised by :func:`block_input`'s hook to stop the forward at the chosen block."""
+
+
+def block_input(model: nn.Module, x: Tensor, layer: int) -> Tensor:
+    """The tokens (B, T, D) entering ``model.blocks[layer]`` for input ``x``, detached.
+
+    The forward runs only up to that block: a forward pre-hook (registered first, so it sees the
+    input before other pre-hooks, e.g. TokenMixup's HTM hook, change it) stores the input and
+    stops the forward with a private exception. Generic for timm ViTs and the CCT model (whatever
+    the model does before its blocks: patch embedding, position embedding, prefix tokens,
+    ``patch_drop``, ``norm_pre``). Runs without grad; the model's mode is left as it is.
+    """
+    blocks = _blocks(model)
+    if not -len(blocks) <= layer < len(blocks):
+        raise IndexError(f"layer {layer} out of range: {type(model).__name__} has {len(blocks)} blocks")
+    got: list[Tensor] = []
+
+    def hook(_m: nn.Module, args: tuple[Tensor, ...]) -> None:
+        got.append(args[0].detach())
+        raise _StopForward
+
+    handle = blocks[layer].register_forward_pre_hook(hook, prepend=True)
+    try:
+        with torch.no_grad():
+            model(x)
+    except _StopForward:
+        pass
+    finally:
+        handle.remove()
+    if not got:
+        raise RuntimeError(f"the forward of {type(model).__name__} never reached block {layer}")
+    return got[0]
+
+
+def _block_attention(block: nn.Module) -> nn.Module:
+    """The block's timm ``Attention`` (unwrapping TokenMixup's ``VerticalAttention``)."""
+    attn = block.attn
+    return attn if hasattr(attn, "qkv") else attn.attn
+
+
+def attention_saliency(model: nn.Module, x: Tensor, layer: int, saliency: str = "auto") -> Tensor:
+    """TokenMixup's saliency detector (Eq. 3): the attention of ``model.blocks[layer]`` on its
+    (detached) input, recomputed without grad from the block's own weights
+    (:func:`~tokenmix.models.attention.self_attention_map` of ``norm1(input)``), reduced by
+    :func:`~tokenmix.methods.tokenmixup.saliency_from_attention` (1-step rollout: CLS row for
+    models with a CLS token, mean over the queries otherwise; ``saliency`` as there).
+
+    Returns:
+        (B, N) float32 saliency of the patch tokens.
+    """
+    from .methods.tokenmixup import saliency_from_attention
+    from .models.attention import self_attention_map
+
+    block = _blocks(model)[layer]
+    tokens = block_input(model, x, layer)
+    with torch.no_grad():
+        attn = self_attention_map(_block_attention(block), block.norm1(tokens))
+    return saliency_from_attention(attn, int(getattr(model, "num_prefix_tokens", 0)), saliency)
+
+
+def rollout(attn: Sequence[Tensor]) -> Tensor:
+    """Attention rollout (Abnar & Zuidema 2020) of head-mean maps: ``R = Â_L ... Â_1`` with
+    ``Â = (A + I) / 2`` (A + I renormalised; rows of A sum to 1). attn: per block (B, T, T) ->
+    (B, T, T) float32, rows summing to 1."""
+    if not attn:
+        raise ValueError("rollout needs at least one attention map")
+    eye = torch.eye(attn[0].shape[-1], dtype=torch.float32, device=attn[0].device)
+    out = None
+    for a in attn:
+        a_hat = a.float() + eye
+        a_hat = a_hat / a_hat.sum(-1, keepdim=True)
+        out = a_hat if out is None else a_hat @ out
+    return out
+
+
+def attention_rollout(model: nn.Module, x: Tensor, upto: int | None = None, saliency: str = "auto") -> Tensor:
+    """Attention rollout over ``model.blocks[:upto]`` (all blocks when None), reduced to the patch
+    tokens like :func:`attention_saliency` (``saliency``: ``"auto"`` = the CLS row for models with a
+    CLS token, the mean over the patch queries otherwise). One no-grad forward
+    (:func:`capture_blocks`); the maps are head means.
+
+    Returns:
+        (B, N) float32.
+    """
+    from .methods.tokenmixup import saliency_from_attention
+
+    n_blocks = len(_blocks(model))
+    upto = n_blocks if upto is None else upto
+    if not 1 <= upto <= n_blocks:
+        raise ValueError(f"upto must be in 1..{n_blocks}, got {upto}")
+    maps = head_mean_attention(capture_blocks(model, x).qk[:upto])
+    return saliency_from_attention(rollout(maps).unsqueeze(1), int(getattr(model, "num_prefix_tokens", 0)),
+                                   saliency)
+
+
+def pool_to_tokens(pixel_map: Tensor, grid: TokenGrid) -> Tensor:
+    """Sum-pool a per-pixel map (B, H, W) over each token's ``patch_h x patch_w`` cell -> (B, N),
+    row-major over the grid."""
+    b, h, w = pixel_map.shape
+    if (h, w) != grid.img_size:
+        raise ValueError(f"map of size {(h, w)} does not match the token grid {grid} ({grid.img_size})")
+    cells = pixel_map.reshape(b, grid.rows, grid.patch_h, grid.cols, grid.patch_w)
+    return cells.sum(dim=(2, 4)).reshape(b, grid.num_tokens)
+
+
+def gradient_saliency(model: nn.Module, x: Tensor, y: Tensor, grid: TokenGrid | None = None) -> Tensor:
+    """Input-gradient saliency (Co-Mixup / PuzzleMix): ``|d loss / d x|``, the L2 norm over the
+    channels, sum-pooled to the token grid (:func:`pool_to_tokens`).
+
+    The loss is the cross-entropy of the logits against ``y`` summed over the batch (so each
+    sample's map does not depend on the batch size). One forward and one backward to the input;
+    the parameters get no ``.grad``. Co-Mixup / PuzzleMix take the RMS over the channels instead
+    of the norm (a constant factor sqrt(C)) and pool by averaging (a constant factor, the cell size).
+
+    Args:
+        y: (B,) class indices.
+        grid: the token grid (default: ``TokenGrid.from_model(model)``).
+
+    Returns:
+        (B, N) float32, non-negative.
+    """
+    grid = TokenGrid.from_model(model) if grid is None else grid
+    xi = x.detach().clone().requires_grad_(True)
+    with torch.enable_grad():
+        loss = F.cross_entropy(model(xi).float(), y, reduction="sum")
+        (g,) = torch.autograd.grad(loss, xi)
+    return pool_to_tokens(g.float().pow(2).sum(1).sqrt(), grid)
+
+
+def random_saliency(x: Tensor, grid: TokenGrid, generator: torch.Generator | None = None) -> Tensor:
+    """Uniform random saliency (B, N) in [0, 1) (Table 3's "random" detector)."""
+    return torch.rand(x.shape[0], grid.num_tokens, generator=generator).to(x.device)
+
+
+def saliency_latency(model: nn.Module, x: Tensor, y: Tensor, layer: int, repeats: int = 10,
+                     warmup: int = 2) -> dict[str, float]:
+    """Median wall-clock seconds per call of the saliency detectors on one batch (Table 3).
+
+    Measured interleaved (gradient, attention, random, gradient, ...) in one process, after
+    ``warmup`` untimed rounds:
+
+    - ``"gradient"``: :func:`gradient_saliency` (one forward + one backward to the input; the
+      extra cost Co-Mixup / PuzzleMix pay per iteration);
+    - ``"attention"``: TokenMixup's extra cost: the attention of ``blocks[layer]`` recomputed on
+      its input and reduced (the block input itself comes for free from the training forward);
+    - ``"attention_with_forward"``: :func:`attention_saliency` as a standalone call, i.e.
+      including the forward up to ``blocks[layer]`` (an upper bound of the attention detector);
+    - ``"random"``: :func:`random_saliency`.
+    """
+    import time
+
+    from .methods.tokenmixup import saliency_from_attention
+    from .models.attention import self_attention_map
+
+    if repeats < 1 or warmup < 0:
+        raise ValueError(f"need repeats >= 1 and warmup >= 0, got {repeats}, {warmup}")
+    grid = TokenGrid.from_model(model)
+    block = _blocks(model)[layer]
+    prefix = int(getattr(model, "num_prefix_tokens", 0))
+    tokens = block_input(model, x, layer)
+
+    def attention_only() -> Tensor:
+        with torch.no_grad():
+            return saliency_from_attention(self_attention_map(_block_attention(block), block.norm1(tokens)), prefix)
+
+    detectors = {
+        "gradient": lambda: gradient_saliency(model, x, y, grid),
+        "attention": attention_only,
+        "attention_with_forward": lambda: attention_saliency(model, x, layer),
+        "random": lambda: random_saliency(x, grid),
+    }
+    times: dict[str, list[float]] = {k: [] for k in detectors}
+    for r in range(warmup + repeats):
+        for k, fn in detectors.items():
+            t0 = time.perf_counter()
+            fn()
+            dt = time.perf_counter() - t0
+            if r >= warmup:
+                times[k].append(dt)
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
 __all__ = ["BlockCapture", "LayerwiseRatios", "OCCLUSION_RATIOS", "black_level", "capture_blocks",
            "collect_transmix_ratios", "head_mean_attention", "layerwise_mixing_ratios", "mix_draws", "occlude",
            "occlusion_accuracy", "occlusion_count", "occlusion_mask", "occlusion_ranks", "pearson",
            "similarity_mixing_ratio", "similarity_scores", "tlalign_path_difference", "token_presence",
            "transmix_ratios"]
+__all__ += ["attention_rollout", "attention_saliency", "block_input", "gradient_saliency", "pool_to_tokens",
+            "random_saliency", "rollout", "saliency_latency"]

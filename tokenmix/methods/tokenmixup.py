@@ -6,7 +6,8 @@ Official code: https://github.com/mlvlab/TokenMixup (``experiments/cct/src/utils
 ``experiments/vit/{models/modeling,utils/utils}.py``; the reference is the experiment code).
 Developer notes: ``../shared/reference/official-implementations.md`` sections 1, 7 and 12.
 
-This module holds the pure functions of the method; shapes use N patch tokens, T = P + N tokens
+This module holds the pure functions of the method and the method itself (:class:`TokenMixup`:
+HTM as a forward pre-hook on one block, VTM as a cross-attention wrapper); shapes use N patch tokens, T = P + N tokens
 with P prefix (CLS / distillation / register) tokens first, D channels, K classes, B samples and
 M easy samples.
 
@@ -14,7 +15,10 @@ M easy samples.
 
 1. *Difficulty* (Eq. 1): d_i = CE_soft(ScoreNet(X_i), y_i), the ScoreNet logits detached
    (:func:`difficulty`, :class:`ScoreNet`). Sample i is *easy*, hence mixed
-   (:func:`easy_samples`), iff d_i < tau (``paper``) or d_i / 10 <= tau (``official``).
+   (:func:`easy_samples`), iff d_i < tau (``paper``, Eq. 8) or d_i / 10 <= tau (``official``).
+   The method's ``gate`` picks the rule, ``official`` by default in both variants (the paper's gate
+   never fires under label smoothing 0.1 with tau = 0.2: the soft CE is at least the target's
+   entropy, 0.50 for K = 10).
 2. *Saliency* (Eq. 3, 1-step rollout): a_{i,t} from the head-mean, post-softmax, detached
    attention map of the block (:func:`saliency_from_attention`).
 3. *Gains* (Eqs. 4-6): for every easy sample m and **every** batch sample j,
@@ -37,21 +41,21 @@ M easy samples.
 runs as cross-attention with the block's own weights (:func:`cross_attention`); the output keeps
 the T query tokens.
 
-Variants (``variant``):
+Variants (``variant``, default ``paper``; the gate is the separate ``gate`` parameter):
 
 ==================  ==================================  ======================================
                     ``paper``                           ``official``
 ==================  ==================================  ======================================
 mask row            S[m, j*_m] (own saliency)           S[0, j*_m] for every m (row-0 bug)
-difficulty gate     CE < tau                            CE / 10 <= tau
+difficulty gate     CE < tau (``gate="paper"``)          CE / 10 <= tau (``gate="official"``,
+                                                        the default of both variants)
 ==================  ==================================  ======================================
 
 Saliency on models with a CLS token (``mode`` of :func:`saliency_from_attention`): ``"cls"`` is
 the ViT experiment code (CLS query row, CLS->CLS dropped, not renormalised); ``"query_mean"`` is
 Eq. 3 and the CCT code (attention received by each patch token, averaged over heads and over
-**all** T queries, prefix queries included; note that
-:func:`tokenmix.models.attention.reduce_attention`'s ``"query_mean"`` averages over the patch
-queries only; the two coincide for models without prefix tokens).
+the patch queries, as :func:`tokenmix.models.attention.reduce_attention`'s ``"query_mean"``; for
+models without prefix tokens these are all the queries).
 
 Deviations from the official code (deliberate):
 
@@ -537,8 +541,12 @@ class TokenMixup(MixMethod):
     ScoreNet logits against the pre-HTM target. Evaluation is plain self-attention.
 
     Args:
-        variant: ``"paper"`` (default: each sample's own mask row; CE < tau) or ``"official"``
-            (the released row-0 mask; CE / 10 <= tau).
+        variant: ``"paper"`` (default: each sample's own mask row) or ``"official"`` (the
+            released row-0 mask).
+        gate: the difficulty gate, ``"official"`` (default, both variants: CE / 10 <= tau, the
+            released rule the issue specifies) or ``"paper"`` (Eq. 8: CE < tau). Under label
+            smoothing 0.1 the soft CE never falls below the target's entropy (0.50 for K = 10), so
+            the paper gate with tau = 0.2 never mixes anything.
         saliency: ``"auto"`` (CLS row for models with a CLS token, mean over queries otherwise),
             ``"cls"`` or ``"query_mean"``.
     """
@@ -548,12 +556,12 @@ class TokenMixup(MixMethod):
     def __init__(self, num_classes: int, smoothing: float = 0.1, variant: str = "paper", mix_prob: float = 1.0,
                  mode: str = "htm", horizontal_layer: int = 2, tau: float = 0.2, rho: float = 0.005,
                  scorenet_lambda: float = 0.001, scorenet_stopgrad: bool = False, scorenet_pooling: str = "attention",
-                 saliency: str = "auto", vertical_layer: int = 2, kappa: int = 3,
+                 saliency: str = "auto", gate: str = "official", vertical_layer: int = 2, kappa: int = 3,
                  input_mix: str = "mixup_cutmix", mixup_alpha: float = 0.8, cutmix_alpha: float = 1.0,
                  switch_prob: float = 0.5) -> None:
         super().__init__(num_classes, smoothing, variant, mix_prob)
         for what, value, valid in (("mode", mode, HTM_MODES), ("input_mix", input_mix, INPUT_MIXES),
-                                   ("saliency", saliency, SALIENCY_MODES)):
+                                   ("saliency", saliency, SALIENCY_MODES), ("gate", gate, VARIANTS)):
             if value not in valid:
                 raise ValueError(f"unknown {what} {value!r} for tokenmixup; valid: {', '.join(valid)}")
         if rho < 0 or tau < 0 or scorenet_lambda < 0 or kappa < 1:
@@ -561,7 +569,7 @@ class TokenMixup(MixMethod):
                              f"{scorenet_lambda}, {kappa}")
         self.mode, self.horizontal_layer, self.tau, self.rho = mode, horizontal_layer, tau, rho
         self.scorenet_lambda, self.scorenet_stopgrad, self.scorenet_pooling = scorenet_lambda, scorenet_stopgrad, scorenet_pooling
-        self.saliency, self.vertical_layer, self.kappa = saliency, vertical_layer, kappa
+        self.saliency, self.gate, self.vertical_layer, self.kappa = saliency, gate, vertical_layer, kappa
         self.input_mix = input_mix
         self.switch = MixupCutMix(num_classes, smoothing, "official", mix_prob, mixup_alpha, cutmix_alpha, switch_prob)
         self._target: Tensor | None = None  # the input target of the current batch, read by the HTM hook
@@ -622,7 +630,7 @@ class TokenMixup(MixMethod):
         x = args[0]
         target = self._target
         logits = self._scorenet(x.detach() if self.scorenet_stopgrad else x)
-        easy = easy_samples(difficulty(logits, target, self.variant), self.tau, self.variant)
+        easy = easy_samples(difficulty(logits, target, self.gate), self.tau, self.gate)
         sal = self._saliency(block, x)
         new_x, new_target, info = horizontal_mix(x, sal, target, easy, self.rho, self.num_prefix_tokens, self.variant)
         self._state = {"target": new_target, "scorenet_logits": logits, "target_pre": target, "info": info}

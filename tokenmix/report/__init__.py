@@ -102,14 +102,17 @@ __all__ = ["OUTPUTS", "RESULT_COLUMNS", "figure_bytes", "main", "markdown_table"
            "show_attention", "show_images", "show_mixed_batch", "summary_table", "token_map_to_pixels",
            "unnormalize", "update_readme", "write_if_changed", "write_report"]
 
-# method figures: TransMix (notebooks/01_transmix), TokenMix (notebooks/02_tokenmix) and TL-Align
-# (notebooks/05_tl_align)
+# method figures: TransMix (notebooks/01_transmix), TokenMix (notebooks/02_tokenmix), TokenMixup
+# (notebooks/03_tokenmixup) and TL-Align (notebooks/05_tl_align)
 from .tlalign import plot_layerwise_ratios, plot_token_presence, show_label_alignment  # noqa: E402
 from .tokenmix import (OCCLUSION_OUTPUTS, alignment_views, find_occlusion_runs, find_root,  # noqa: E402
                        mask_count_statistics, mask_count_table, mask_examples, occlusion_curves,
                        occlusion_runs, occlusion_table, occlusion_test_set, open_teacher_maps, plot_count_statistics,
                        plot_masks, plot_occlusion, plot_teacher_targets, sample_mask_counts, show_map_alignment,
                        teacher_mix, write_tokenmix_occlusion)
+from .tokenmixup import (CurriculumRun, HTMExample, curriculum, htm_example, latency_table,  # noqa: E402
+                         mask_variant_table, plot_curriculum, plot_htm_example, plot_saliency_comparison,
+                         stack_dataset)
 from .transmix import plot_transmix_lambdas, show_token_masks, show_transmix_samples, transmix_ratios_table  # noqa: E402
 
 __all__ += ["plot_layerwise_ratios", "plot_token_presence", "plot_transmix_lambdas", "show_label_alignment",
@@ -118,3 +121,5 @@ __all__ += ["OCCLUSION_OUTPUTS", "alignment_views", "find_occlusion_runs", "find
             "occlusion_table", "occlusion_test_set", "open_teacher_maps", "plot_count_statistics", "plot_masks",
             "plot_occlusion", "plot_teacher_targets", "sample_mask_counts", "show_map_alignment", "teacher_mix",
             "write_tokenmix_occlusion"]
+__all__ += ["CurriculumRun", "HTMExample", "curriculum", "htm_example", "latency_table", "mask_variant_table",
+            "plot_curriculum", "plot_htm_example", "plot_saliency_comparison", "stack_dataset"]

@@ -2,7 +2,7 @@
 
 >>> from tokenmix import methods
 >>> methods.available()
-['cutmix', 'mixup', 'mixup_cutmix', 'none', 'tl_align', 'tokenmix', 'tokenmixup', 'transmix']
+['cutmix', 'mixup', 'mixup_cutmix', 'none', 'smmix', 'tl_align', 'tokenmix', 'tokenmixup', 'transmix']
 >>> m = methods.get("cutmix", num_classes=10, cutmix_alpha=1.0)
 """
 from __future__ import annotations
@@ -15,6 +15,7 @@ from .baselines import CutMix, Mixup, MixupCutMix
 from .tlalign import TLAlign
 from .tokenmix import TokenMix
 from .tokenmixup import TokenMixup
+from .smmix import SMMix
 from .transmix import TransMix
 
 _REGISTRY: dict[str, type[MixMethod]] = {}
@@ -28,7 +29,7 @@ def register(cls: type[MixMethod]) -> type[MixMethod]:
     return cls
 
 
-for _cls in (MixMethod, Mixup, CutMix, MixupCutMix, TransMix, TLAlign, TokenMix, TokenMixup):
+for _cls in (MixMethod, Mixup, CutMix, MixupCutMix, TransMix, TLAlign, TokenMix, TokenMixup, SMMix):
     register(_cls)
 
 
@@ -63,5 +64,5 @@ def get(name: str, **params: Any) -> MixMethod:
 
 
 __all__ = ["MixMethod", "MixedBatch", "ModelOutputs", "Needs", "TokenGrid", "Mixup", "CutMix",
-           "MixupCutMix", "TLAlign", "TokenMix", "TokenMixup", "TransMix", "available", "get", "method_class", "parameters", "register", "one_hot",
+           "MixupCutMix", "SMMix", "TLAlign", "TokenMix", "TokenMixup", "TransMix", "available", "get", "method_class", "parameters", "register", "one_hot",
            "soft_target_cross_entropy"]

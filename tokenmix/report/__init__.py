@@ -103,7 +103,8 @@ __all__ = ["OUTPUTS", "RESULT_COLUMNS", "figure_bytes", "main", "markdown_table"
            "unnormalize", "update_readme", "write_if_changed", "write_report"]
 
 # method figures: TransMix (notebooks/01_transmix), TokenMix (notebooks/02_tokenmix), TokenMixup
-# (notebooks/03_tokenmixup) and TL-Align (notebooks/05_tl_align)
+# (notebooks/03_tokenmixup), SMMix (notebooks/04_smmix) and TL-Align (notebooks/05_tl_align)
+from .smmix import mixed_topk_accuracy, plot_loss_terms, plot_smmix_vs_cutmix, short_run  # noqa: E402
 from .tlalign import plot_layerwise_ratios, plot_token_presence, show_label_alignment  # noqa: E402
 from .tokenmix import (OCCLUSION_OUTPUTS, alignment_views, find_occlusion_runs, find_root,  # noqa: E402
                        mask_count_statistics, mask_count_table, mask_examples, occlusion_curves,
@@ -123,3 +124,4 @@ __all__ += ["OCCLUSION_OUTPUTS", "alignment_views", "find_occlusion_runs", "find
             "write_tokenmix_occlusion"]
 __all__ += ["CurriculumRun", "HTMExample", "curriculum", "htm_example", "latency_table", "mask_variant_table",
             "plot_curriculum", "plot_htm_example", "plot_saliency_comparison", "stack_dataset"]
+__all__ += ["mixed_topk_accuracy", "plot_loss_terms", "plot_smmix_vs_cutmix", "short_run"]

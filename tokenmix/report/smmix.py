@@ -21,8 +21,8 @@ import torch.nn as nn
 from matplotlib.figure import Figure
 from torch import Tensor
 
-from ..methods.base import MixedBatch, ModelOutputs, TokenGrid
-from .figures import (ArrayLike, _class_name, _draw_token_grid, _finish, _imshow, _tensor, token_map_to_pixels,
+from ..methods.base import MixedBatch, TokenGrid
+from .figures import (ArrayLike, training_steps, _class_name, _draw_token_grid, _finish, _imshow, _tensor, token_map_to_pixels,
                       unnormalize)
 from .transmix import OWN_COLOUR, PARTNER_COLOUR, _draw_box
 
@@ -113,31 +113,18 @@ def short_run(images: Tensor, labels: Tensor, steps: int = 60, batch_size: int =
         ``l_fine``, ``l_con``, ``window`` (k) and ``batch_top1`` (%, on the mixed batch against the
         own labels); with ``return_model=True`` the tuple (DataFrame, model, method).
     """
-    from ..engine import TrainForward
     from ..methods import get
     from ..models import create_model
 
-    if steps < 1 or batch_size < 1 or batch_size > len(images):
-        raise ValueError(f"need steps >= 1 and 1 <= batch_size <= {len(images)}, got {steps}, {batch_size}")
     torch.manual_seed(seed)
-    g = torch.Generator().manual_seed(seed)
     model = create_model(model_name, num_classes, images.shape[-1], images.shape[1])
     method = get("smmix", num_classes=num_classes, **dict({"switch_prob": 1.0}, **method_kw))
     model = method.prepare_model(model)
     method.prepare_training()
-    fwd = TrainForward(model, method.needs).train()
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
     rows = []
-    for step in range(steps):
-        i = torch.randint(0, len(images), (batch_size,), generator=g)
-        x, y = images[i], labels[i]
-        mixed = method.mix(x, y)
-        out = ModelOutputs(**fwd(mixed.x))
-        loss, info = method.loss(out, mixed)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        rows.append({"step": step + 1, "loss": float(loss.detach()),
+    for step, y, _, out, _, loss, info in training_steps(model, method, images, labels, steps, batch_size, lr,
+                                                          weight_decay, seed):
+        rows.append({"step": step, "loss": float(loss.detach()),
                      **{t: info.get(t, float("nan")) for t in LOSS_TERMS}, "window": info.get("window", float("nan")),
                      "batch_top1": 100.0 * float((out.logits.argmax(1) == y).float().mean())})
     df = pd.DataFrame(rows)

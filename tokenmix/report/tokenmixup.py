@@ -26,10 +26,10 @@ from matplotlib.figure import Figure
 from torch import Tensor
 
 from ..analysis import attention_saliency
-from ..methods.base import ModelOutputs, TokenGrid
+from ..methods.base import TokenGrid
 from ..methods.tokenmixup import (TokenMixup, difficulty, easy_samples, htm_mask, match_partners,
                                   token_gains)
-from .figures import (ArrayLike, _class_name, _draw_token_grid, _finish, _imshow, _tensor, token_map_to_pixels,
+from .figures import (ArrayLike, training_steps, _class_name, _draw_token_grid, _finish, _imshow, _tensor, token_map_to_pixels,
                       unnormalize)
 from .transmix import OWN_COLOUR, PARTNER_COLOUR
 
@@ -300,34 +300,21 @@ def curriculum(images: Tensor, labels: Tensor, steps: int = 300, batch_size: int
     from ..methods import get, parameters
     from ..models import create_model
 
-    if steps < 1 or batch_size < 1 or batch_size > len(images):
-        raise ValueError(f"need steps >= 1 and 1 <= batch_size <= {len(images)}, got {steps}, {batch_size}")
     torch.manual_seed(seed)
-    g = torch.Generator().manual_seed(seed)
     model = create_model(model_name, num_classes, images.shape[-1], images.shape[1])
     kw = dict(method_kw, gate=gate) if "gate" in parameters("tokenmixup") else dict(method_kw)
     method: TokenMixup = get("tokenmixup", num_classes=num_classes, smoothing=smoothing, variant=variant,
                              tau=tau, input_mix=input_mix, horizontal_layer=horizontal_layer, **kw)
     model = method.prepare_model(model)
     gate = _gate(method)
-    model.train()
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
     rows = []
-    for step in range(steps):
-        idx = torch.randint(0, len(images), (batch_size,), generator=g)
-        x, y = images[idx], labels[idx]
-        mixed = method.mix(x, y)
-        logits = model(mixed.x)
-        state = method._state
+    for step, y, _, out, state, loss, info in training_steps(model, method, images, labels, steps, batch_size, lr,
+                                                              weight_decay, seed):
         diff = difficulty(state["scorenet_logits"], state["target_pre"], gate)
-        loss, info = method.loss(ModelOutputs(logits=logits), mixed)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        rows.append({"step": step + 1, "n_mixed": int(info["n_mixed"]), "tokens_replaced": info["tokens_replaced"],
+        rows.append({"step": step, "n_mixed": int(info["n_mixed"]), "tokens_replaced": info["tokens_replaced"],
                      "difficulty_median": float(diff.median()), "loss": float(loss.detach()),
                      "scorenet_loss": info["scorenet_loss"],
-                     "batch_top1": 100.0 * float((logits.argmax(1) == y).float().mean())})
+                     "batch_top1": 100.0 * float((out.logits.argmax(1) == y).float().mean())})
     return CurriculumRun(pd.DataFrame(rows), model, method, batch_size, float(tau), variant, gate, float(smoothing))
 
 

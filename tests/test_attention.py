@@ -198,7 +198,7 @@ def test_block_that_captured_nothing_raises(vit_cpu_gray):
 
 @pytest.mark.parametrize("blocks", [[4], [-5], [0, 7]])
 def test_out_of_range_block_raises(vit_cpu_gray, blocks):
-    with pytest.raises(IndexError, match="4 attention blocks"):
+    with pytest.raises(IndexError, match="has 4 attention modules"):
         AttentionCapture(vit_cpu_gray, blocks=blocks)
 
 

@@ -8,7 +8,7 @@ import torch
 import torch.nn as nn
 from timm.layers import PatchEmbed
 
-from tokenmix.models import (CCT_PRESETS, CNN_PRESETS, PRESETS, ConvStemEmbed, available_models, count_parameters,
+from tokenmix.models import (CCT_PRESETS, CNN_PRESETS, PRESETS, TINY_MODELS, ConvStemEmbed, available_models, count_parameters,
                              create_model, patch_size_for)
 
 
@@ -65,7 +65,7 @@ def test_drop_path_rate_reaches_the_blocks():
     assert isinstance(create_model("vit_cpu", 10, 16, 1).blocks[-1].drop_path1, nn.Identity)
 
 
-@pytest.mark.parametrize("name", ["nosuch", "resnet50", "vit_nosuch_model", "swin_tiny_patch4_window7_224"])
+@pytest.mark.parametrize("name", ["nosuch", "resnet50", "vit_nosuch_model", "swin_nosuch", "convnext_tiny"])
 def test_unknown_model_raises_naming_presets(name):
     with pytest.raises(ValueError, match="unknown model") as e:
         create_model(name, 10, 32)
@@ -112,7 +112,9 @@ def test_available_models():
     names = available_models()
     assert set(PRESETS) <= set(names)
     assert "deit_tiny_patch16_224" in names and "vit_tiny_patch16_224" in names
-    assert all(n in PRESETS or n in CNN_PRESETS or n in CCT_PRESETS or n.startswith(("vit_", "deit_")) for n in names)
+    assert all(n in PRESETS or n in CNN_PRESETS or n in CCT_PRESETS or n in TINY_MODELS
+               or n.startswith(("vit_", "deit_", "cait_", "swin_", "pvt_v2_")) for n in names)
+    assert {"cait_xxs24_224", "swin_tiny_patch4_window7_224", "pvt_v2_b0", *TINY_MODELS} <= set(names)
     assert set(CNN_PRESETS) <= set(names)
 
 

@@ -644,3 +644,96 @@ def test_cli_trains_cct_and_the_vit_preset_on_fashion_mnist(tmp_path, model):
     summary = json.loads((tmp_path / "r" / "summary.json").read_text())
     assert summary["status"] == "complete" and summary["variant"] == "paper"
     assert "n_mixed" in json.loads((tmp_path / "r" / "metrics.jsonl").read_text().splitlines()[0])
+
+
+# ---------------------------------------------------------------------------------------------
+# CaiT (talking-heads self-attention blocks, no prefix token there) and unsupported backbones
+# ---------------------------------------------------------------------------------------------
+def _tiny_cait():
+    import os
+
+    import timm
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    torch.manual_seed(0)
+    return timm.create_model("cait_xxs24_224", pretrained=False, num_classes=10, img_size=32, patch_size=4,
+                             embed_dim=48, depth=3, num_heads=2, depth_token_only=1)
+
+
+def test_self_attention_map_of_talking_heads_is_the_proj_w_input():
+    from tokenmix.models.attention import self_attention_map
+    model = _tiny_cait().eval()
+    blk = model.blocks[1]
+    seen = {}
+    blk.register_forward_pre_hook(lambda m, a: seen.__setitem__("x", a[0]))
+    blk.attn.proj_w.register_forward_pre_hook(lambda m, a: seen.__setitem__("map", a[0]))
+    with torch.no_grad():
+        model(torch.randn(2, 3, 32, 32))
+        got = self_attention_map(blk.attn, blk.norm1(seen["x"]))
+    assert got.shape == (2, 2, 64, 64) and got.dtype == torch.float32  # (B, H, T, T), no CLS token
+    torch.testing.assert_close(got, seen["map"].permute(0, 3, 1, 2))
+    torch.testing.assert_close(got.sum(-1), torch.ones(2, 2, 64))
+
+
+@pytest.mark.parametrize("train", [True, False])
+def test_cross_attention_equals_talking_heads_self_attention(train):
+    model = _tiny_cait()
+    attn = model.blocks[0].attn.train(train)
+    nn.init.normal_(attn.proj_l.weight), nn.init.normal_(attn.proj_w.weight)  # real head mixing
+    x = torch.randn(2, 64, 48)
+    assert attn.attn_drop.p == 0 and attn.proj_drop.p == 0
+    with torch.no_grad():
+        assert torch.equal(cross_attention(attn, x, x), attn(x))
+        # a copy of x goes through the sliced projections: same up to rounding
+        torch.testing.assert_close(cross_attention(attn, x, x.clone()), attn(x), rtol=1e-5, atol=1e-5)
+        # extra keys: independent talking-heads computation over the T2 keys
+        extra = torch.randn(2, 3, 48)
+        kv = torch.cat([x, extra], 1)
+        w = attn.qkv.weight
+        q = (x @ w[:48].T).reshape(2, 64, 2, 24).transpose(1, 2)
+        k = (kv @ w[48:96].T).reshape(2, 67, 2, 24).transpose(1, 2)
+        v = (kv @ w[96:].T).reshape(2, 67, 2, 24).transpose(1, 2)
+        logits = torch.einsum("bhtd,bhsd->bhts", q, k) / 24 ** 0.5
+        logits = torch.einsum("gh,bhts->bgts", attn.proj_l.weight, logits) + attn.proj_l.bias[:, None, None]
+        a = torch.einsum("gh,bhts->bgts", attn.proj_w.weight, logits.softmax(-1)) + attn.proj_w.bias[:, None, None]
+        expect = attn.proj((a @ v).transpose(1, 2).reshape(2, 64, 48))
+        torch.testing.assert_close(cross_attention(attn, x, kv), expect, rtol=1e-4, atol=1e-5)
+
+
+def test_tokenmixup_hvtm_trains_on_cait():
+    from tokenmix.engine import TrainForward
+    base = _tiny_cait()
+    method = methods.get("tokenmixup", num_classes=10, mode="hvtm", tau=100.0, horizontal_layer=1,
+                         vertical_layer=2, kappa=2)
+    model = method.prepare_model(copy.deepcopy(base))
+    assert method.num_prefix_tokens == 0  # CaiT's self-attention blocks carry no CLS token
+    assert isinstance(model.blocks[2].attn, VerticalAttention)
+    assert sum(p.numel() for p in model.blocks.parameters()) == sum(p.numel() for p in base.blocks.parameters())
+    torch.manual_seed(1)
+    x, y = torch.randn(6, 3, 32, 32), torch.arange(6)
+    model.train()
+    mixed = method.mix(x, y)
+    outputs = ModelOutputs(**TrainForward(model, method.needs)(mixed.x))
+    target = method._state["target"]
+    assert len(method._store) == 2 and all(t.shape == (6, 2, 48) for t in method._store)
+    loss, info = method.loss(outputs, mixed)
+    assert torch.isfinite(loss) and info["n_mixed"] > 0
+    torch.testing.assert_close(target.sum(1), torch.ones(6))
+    loss.backward()
+    assert model.blocks[0].attn.qkv.weight.grad is not None and model.tokenmixup_scorenet.head.weight.grad is not None
+    # the class-attention blocks are untouched; eval is plain CaiT
+    assert not isinstance(model.blocks_token_only[0].attn, VerticalAttention)
+    model.eval(), base.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), base(x))
+    # the backbone description still works on the prepared model (the wrapper exposes proj_w)
+    from tokenmix.models.backbones import Backbone
+    assert Backbone.of(model).sites[2].capture is model.blocks[2].attn.attn.proj_w
+
+
+def test_tokenmixup_rejects_swin():
+    import timm
+    swin = timm.create_model("swin_tiny_patch4_window7_224", pretrained=False, num_classes=10, img_size=32,
+                             patch_size=4, window_size=4, embed_dim=24, depths=(1, 1), num_heads=(1, 2))
+    with pytest.raises(ValueError, match="Swin") as err:
+        methods.get("tokenmixup", num_classes=10).prepare_model(swin)
+    assert "CaiT" in str(err.value) and "window" in str(err.value)

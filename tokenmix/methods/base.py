@@ -44,15 +44,10 @@ class TokenGrid:
 
     @classmethod
     def from_model(cls, model: nn.Module) -> "TokenGrid":
-        """Read the grid from a timm-style ``model.patch_embed`` (``grid_size``, ``patch_size``)."""
-        pe = getattr(model, "patch_embed", None)
-        if pe is None or not hasattr(pe, "grid_size") or not hasattr(pe, "patch_size"):
-            raise ValueError(
-                f"cannot read a token grid from {type(model).__name__}: it has no "
-                "`patch_embed.grid_size` / `patch_embed.patch_size` (a timm ViT-style model is expected)"
-            )
-        (gh, gw), (ph, pw) = tuple(pe.grid_size), tuple(pe.patch_size)
-        return cls(int(gh), int(gw), int(ph), int(pw))
+        """The patch-embedding grid of a supported backbone (ViT/DeiT/CCT, CaiT, Swin, PVT v2; see
+        :class:`tokenmix.models.backbones.Backbone`)."""
+        from ..models.backbones import Backbone
+        return cls(*Backbone.of(model).input_grid)
 
     @classmethod
     def for_image(cls, img_size: int | tuple[int, int], patch_size: int | tuple[int, int]) -> "TokenGrid":

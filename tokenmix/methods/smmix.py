@@ -29,6 +29,16 @@ Per batch (flip pairing): with probability ``switch_prob`` an SMMix batch, else 
    lam softmax(z) + (1 - lam) softmax(z_partner) (``paper``: probabilities mixed).
    Total = w_cls L_cls + w_fine L_fine + w_con L_con (weights 1; 0 switches a term off).
 
+Backbones (:class:`~tokenmix.models.backbones.Backbone`): the saliency comes from the last
+self-attention site (CaiT: the last patch self-attention block, not a class-attention block; the
+``paper`` CLS row there: the last class-attention block). On hierarchical models (Swin, PVT v2)
+everything happens on the **last stage's grid**, as the official PVT code does (side 7 at
+224 px): the saliency, the window side range, the pasting (whole last-stage cells of
+``img / grid`` pixels) and the region heads (on the final tokens). Swin's last stage attends in
+windows; its received attention is averaged within each window (at the papers' 224 px the last
+window covers the whole 7x7 grid). A last stage whose keys are spatially reduced (PVT v2 with
+``sr > 1`` there) is rejected: the saliency would not be on the token grid.
+
 Deviations (deliberate): the window is on the model's token grid (any size, no 14 hard-coding);
 torch RNG; the Mixup branch honours ``mix_prob`` (the released code ignores it); flip pairing
 as the official code.
@@ -44,6 +54,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..models.attention import AttentionCapture
+from ..models.backbones import Backbone
 from .base import (MixedBatch, MixMethod, ModelOutputs, Needs, TokenGrid, flip_pairing, mix_targets,
                    soft_target_cross_entropy)
 from .baselines import mixup_batch
@@ -184,11 +195,28 @@ class SMMix(MixMethod):
         self._model: nn.Module | None = None
 
     def prepare_model(self, model: nn.Module) -> nn.Module:
-        """Record the grid, keep a handle on the model (for the extra forward) and attach the token head."""
+        """Record the grid (the last stage's, see the module docstring), the saliency site, keep a
+        handle on the model (for the extra forward) and attach the token head."""
         model = super().prepare_model(model)
-        self.num_prefix_tokens = int(getattr(model, "num_prefix_tokens", 0))
+        bb = Backbone.of(model)
+        self.backbone = bb
+        if bb.hierarchical:
+            (rows, cols), (ch, cw) = bb.final_grid, bb.final_cell
+            self.grid = TokenGrid(rows, cols, ch, cw)
+        self_attn = [s for s in bb.sites if s.kind != "class"]
+        cls_sites = [s for s in bb.sites if s.num_prefix_tokens > 0 and s.kind in ("global", "class")]
+        use_cls = self.variant == "paper" and bb.class_token and bool(cls_sites)
+        self.saliency_site = (cls_sites if use_cls else self_attn)[-1].index
+        self.saliency_reduce = "cls" if use_cls else "query_mean"
+        if getattr(bb.sites[self.saliency_site].module, "sr", None) is not None:
+            raise ValueError("smmix needs the last stage's attention on its token grid; this PVT v2 reduces the keys "
+                             "of its last stage (sr_ratio > 1)")
+        if min(self.grid.rows, self.grid.cols) < 2:
+            raise ValueError(f"smmix needs a token grid of at least 2x2 for its windows; the saliency grid of "
+                             f"{type(model).__name__} is {self.grid.rows}x{self.grid.cols} (use larger images or "
+                             "fewer stages)")
         if not self.shared_head:
-            dim = int(getattr(model, "embed_dim", model.get_classifier().in_features))
+            dim = int(getattr(model, "num_features", 0) or model.get_classifier().in_features)
             model.smmix_token_head = nn.Linear(dim, self.num_classes)
         self._model = model
         return model
@@ -204,12 +232,13 @@ class SMMix(MixMethod):
         was_training = model.training
         cpu_rng = torch.get_rng_state()
         cuda_rng = torch.cuda.get_rng_state(x.device) if x.device.type == "cuda" else None
-        reduce = "cls" if self.variant == "paper" and self.num_prefix_tokens > 0 else "query_mean"
+        site = self.saliency_site
         try:
             model.eval()
-            with torch.autocast(x.device.type, enabled=False), AttentionCapture(model, (-1,), reduce) as cap:
+            with (torch.autocast(x.device.type, enabled=False),
+                  AttentionCapture(model, (site,), self.saliency_reduce) as cap):
                 logits = model(x.float())
-            sal = cap[-1]
+            sal = cap[site]
         finally:
             model.train(was_training)
             torch.set_rng_state(cpu_rng)
@@ -243,7 +272,7 @@ class SMMix(MixMethod):
     # -- phase 2 ------------------------------------------------------------------------------
     def region_logits(self, tokens: Tensor, mask: Tensor) -> Tensor:
         """The token head (or the shared classifier) on the mean of the patch tokens in ``mask``."""
-        feats = region_mean(tokens[:, self.num_prefix_tokens:], mask)
+        feats = region_mean(self.backbone.final_patch_tokens(tokens), mask)
         head = self._model.get_classifier() if self.shared_head else self._model.smmix_token_head
         return head(feats)
 

@@ -33,6 +33,20 @@ code cannot run Mixup); ``paper`` = the Mixup/CutMix switch with any mask or sna
 are unchanged by the propagation: every row equals the mixed label, so the target is the area
 target).
 
+Backbones (:class:`~tokenmix.models.backbones.Backbone`; paper Sec. 3.3 and Table 10): ViT/DeiT
+and CCT use the fast paths above. CaiT, Swin and PVT v2 go through
+:func:`~tokenmix.models.backbones.align_labels`, which applies ``Y <- (Ā Y + Y) / 2`` at every
+attention site in its own layout: CaiT's talking-heads self-attention blocks over the patch
+tokens (with their softmax map, see the backbones module), then its class-attention blocks,
+where the CLS token enters with the area label and only its row is updated; Swin's window
+attention within each (shifted) window; PVT v2's spatial-reduction attention against the key
+labels averaged over each reduced cell. At a stage transition (Swin's patch merging, PVT v2's
+overlapping stride-2 embedding) a merged token's label is the normalised sum (= mean) of the
+labels it merges (Table 10 "spatial aggregation"). The target is the CLS row (CaiT) or the mean
+of the final token labels (Swin, PVT v2: global average pooling). Both ``path`` values work
+there (the scalar own share is a 1-channel label); ``source="qk"`` needs timm ``Attention``
+(ViT/DeiT) and is rejected elsewhere.
+
 Deviations from the official code: attention from timm's blocks via
 :class:`~tokenmix.models.attention.QKCapture` instead of a vendored model; the scalar fast path.
 """
@@ -47,6 +61,7 @@ from torch import Tensor
 from .base import MixedBatch, MixMethod, ModelOutputs, Needs, mix_targets, one_hot, soft_target_cross_entropy
 from .baselines import CutMix, MixupCutMix
 from ..models.attention import attention_from_qk, attention_modules
+from ..models.backbones import Backbone, align_labels
 
 PATHS: tuple[str, ...] = ("scalar", "kdim")
 SOURCES: tuple[str, ...] = ("auto", "maps", "qk")
@@ -135,6 +150,13 @@ class TLAlign(MixMethod):
         # the label follows the representation the head reads: the CLS token or the pooled patches
         self.cls_label = (self.num_prefix_tokens > 0 and bool(getattr(model, "has_class_token", True))
                           and getattr(model, "global_pool", "token") == "token")
+        bb = self.backbone = Backbone.of(model)
+        if bb.family != "vit":
+            if self.source == "qk":
+                raise ValueError(f"tl_align source='qk' needs timm ViT/DeiT attention (q_norm/k_norm); "
+                                 f"{type(model).__name__} ({bb.family}) supports source 'auto' or 'maps'")
+            self.needs = Needs(attention_blocks=tuple(range(len(bb.sites))), attention_reduce="site")
+            return model
         source = self.source
         if source == "auto":
             on_cuda = any(p.is_cuda for p in model.parameters())
@@ -162,6 +184,8 @@ class TLAlign(MixMethod):
             attention: per block, either the head-mean map (B, T, T) or the captured
                 ``(q, k, scale)`` (see :meth:`attention_inputs`).
         """
+        if self.needs.attention_reduce == "site":
+            return self._aligned_target_sites(mixed, attention)
         p = self.num_prefix_tokens
         cls = self.cls_label and p > 0
         from_qk = bool(attention) and isinstance(attention[0], tuple)
@@ -178,6 +202,17 @@ class TLAlign(MixMethod):
         target = final_label(propagate_kdim(rows, maps), p, cls)
         own = final_label(propagate_scalar_maps(beta0, maps), p, cls)  # for logging only
         return target, own
+
+    def _aligned_target_sites(self, mixed: MixedBatch, maps: list) -> tuple[Tensor, Tensor]:
+        """:meth:`aligned_target` through :func:`~tokenmix.models.backbones.align_labels` (CaiT, Swin, PVT v2)."""
+        own = 1.0 - mixed.partner_mask.float().unsqueeze(-1)  # (B, N, 1)
+        beta = align_labels(self.backbone, maps, own, mixed.lam_area.float().view(-1, 1))[:, 0]
+        if self.path == "scalar":
+            return mix_targets(mixed.y, mixed.y_partner, beta, self.num_classes, self.smoothing), beta
+        y1 = one_hot(mixed.y, self.num_classes, self.smoothing).unsqueeze(1)  # (B, 1, K)
+        y2 = one_hot(mixed.y_partner, self.num_classes, self.smoothing).unsqueeze(1)
+        rows = own * y1 + (1 - own) * y2  # (B, N, K)
+        return align_labels(self.backbone, maps, rows, mixed.target), beta
 
     def loss(self, outputs: ModelOutputs, mixed: MixedBatch) -> tuple[Tensor, dict[str, float]]:
         if mixed.kind in ("none", "mixup"):

@@ -39,6 +39,11 @@ loss               BCE with logits, mean over B x K       soft-target cross-entr
 (4 on 7x7). ``t_own`` / ``t_par`` are smoothed one-hots. ``lam`` is the partner share here (the
 paper's "mask-out ratio"); the returned ``lam_area`` is the own share (package convention).
 
+Backbones: masks live on the model's patch-embedding grid (any patch size; Swin's 4x4 px
+patches, PVT v2's stride-4 stem cells, CaiT/DeiT patches; see
+:class:`~tokenmix.models.backbones.Backbone`), and the teacher maps are integrated onto that grid
+(:meth:`~tokenmix.teacher.TeacherMaps.token_maps`), so the rule needs nothing else from the model.
+
 Deviations (deliberate): the grid is the model's (no 14x14 hard-coding); randomness comes from
 torch's RNG; the count uses floor (the paper does not say how lambda N is rounded);
 ``clamp_negative`` (default on in both variants) clamps the teacher's logit maps at zero before

@@ -51,6 +51,27 @@ difficulty gate     CE < tau (``gate="paper"``)          CE / 10 <= tau (``gate=
                                                         the default of both variants)
 ==================  ==================================  ======================================
 
+Backbones (timm): ViT/DeiT, CCT and CaiT.
+
+- **CaiT** (``timm.models.cait.Cait``): HTM and VTM act on the patch self-attention blocks,
+  ``model.blocks`` (``LayerScaleBlock`` with talking-heads attention); ``horizontal_layer`` and
+  ``vertical_layer`` count those blocks. Their token sequence has no prefix token (P = 0, although
+  ``model.num_prefix_tokens`` is 1: the CLS token only enters the class-attention blocks,
+  ``model.blocks_token_only``, which TokenMixup leaves untouched), so the saliency is
+  ``"query_mean"`` and ScoreNet cannot use ``"cls"`` pooling. P is read per attention site from
+  :class:`~tokenmix.models.backbones.Backbone` (``sites[i].num_prefix_tokens``).
+- **Talking-heads attention map.** CaiT mixes the heads before (``proj_l``) and after
+  (``proj_w``) the softmax, so the map that multiplies the values is not row-stochastic. As
+  everywhere in the package (:mod:`tokenmix.models.backbones`), the saliency map is the softmax
+  itself, ``softmax(proj_l(q * scale @ k^T))`` = the input of ``proj_w``, a distribution per row
+  (:func:`~tokenmix.models.attention.self_attention_map` for HTM, a pre-hook on ``proj_w`` for
+  VTM's earlier layers); :func:`cross_attention` reproduces the full talking-heads forward.
+- **Swin and PVT v2 are not supported** (:meth:`TokenMixup.prepare_model` raises ValueError):
+  TokenMixup needs global self-attention blocks over one fixed token sequence. Swin's (shifted)
+  window attention and PVT v2's spatial-reduction attention, and the changes of the token grid
+  between their stages, break HTM's position-wise token swap (driven by a global saliency map)
+  and VTM's cross-attention to tokens stored from earlier layers.
+
 Saliency on models with a CLS token (``mode`` of :func:`saliency_from_attention`): ``"cls"`` is
 the ViT experiment code (CLS query row, CLS->CLS dropped, not renormalised); ``"query_mean"`` is
 Eq. 3 and the CCT code (attention received by each patch token, averaged over heads and over
@@ -87,6 +108,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..models.attention import reduce_attention, self_attention_map
+from ..models.backbones import Backbone
 from .base import MixedBatch, MixMethod, ModelOutputs, soft_target_cross_entropy
 from .baselines import MixupCutMix
 
@@ -444,18 +466,32 @@ def top_salient_tokens(tokens: Tensor, saliency: Tensor, kappa: int, num_prefix_
     return torch.gather(tokens[:, p:], 1, order.unsqueeze(-1).expand(b, kappa, d))
 
 
+def _talking_heads(attn: nn.Module) -> bool:
+    """Whether ``attn`` is CaiT's talking-heads attention (``proj_l`` / ``proj_w`` head mixing)."""
+    return isinstance(getattr(attn, "proj_l", None), nn.Linear) and isinstance(getattr(attn, "proj_w", None), nn.Linear)
+
+
+def _mix_heads(linear: nn.Module, a: Tensor) -> Tensor:
+    """Talking heads: ``linear`` over the head axis of a (B, H, Tq, Tk) map, as timm's CaiT."""
+    return linear(a.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+
+
 def cross_attention(attn: nn.Module, x: Tensor, kv: Tensor) -> Tensor:
-    """Cross-attention with a timm ``Attention`` module's own weights (VTM, Eq. 13).
+    """Cross-attention with a timm attention module's own weights (VTM, Eq. 13).
 
     Queries come from ``x``, keys and values from ``kv``, through the rows of the module's fused
     ``qkv`` projection (q = rows [0, A), k = [A, 2A), v = [2A, 3A), A = heads x head_dim, bias
-    sliced likewise); then ``q_norm`` / ``k_norm``, scaled softmax attention (SDPA when the
-    module's ``fused_attn`` is set, else the explicit softmax and ``attn_drop``), ``norm``, the
-    optional ``gate`` (computed from ``x``), ``proj`` and ``proj_drop``. No parameter is created;
-    with ``kv is x`` the result equals ``attn(x)``.
+    sliced likewise; with ``kv is x`` the fused projection itself). Then, for a timm
+    ``Attention``: ``q_norm`` / ``k_norm``, scaled softmax attention (SDPA when the module's
+    ``fused_attn`` is set, else the explicit softmax and ``attn_drop``), ``norm``, the optional
+    ``gate`` (computed from ``x``), ``proj`` and ``proj_drop``. For CaiT's talking-heads
+    attention (``TalkingHeadAttn``): logits ``(q * scale) @ k^T`` over the T2 keys, ``proj_l``
+    (over the heads), softmax, ``proj_w``, ``attn_drop``, ``@ v``, ``proj`` and ``proj_drop``.
+    No parameter is created; with ``kv is x`` the result equals ``attn(x)``.
 
     Args:
-        attn: a ``timm.models.vision_transformer.Attention`` (``timm.layers.Attention``).
+        attn: a ``timm.models.vision_transformer.Attention`` (``timm.layers.Attention``) or a
+            ``timm.models.cait.TalkingHeadAttn``.
         x: (B, T, D) queries (already normalised by the caller).
         kv: (B, T2, D) keys/values, e.g. LN(concat(x, stored tokens)).
 
@@ -468,19 +504,30 @@ def cross_attention(attn: nn.Module, x: Tensor, kv: Tensor) -> Tensor:
                         f"got {type(attn).__name__}")
     if x.dim() != 3 or kv.dim() != 3 or x.shape[0] != kv.shape[0] or x.shape[2] != kv.shape[2]:
         raise ValueError(f"x and kv must be (B, T, D) and (B, T2, D), got {tuple(x.shape)} and {tuple(kv.shape)}")
-    h, hd = int(attn.num_heads), int(attn.head_dim)
+    h = int(attn.num_heads)
+    if qkv.out_features % (3 * h):
+        raise ValueError(f"qkv has {qkv.out_features} outputs, not 3 x heads ({h}) x head_dim")
+    hd = int(getattr(attn, "head_dim", qkv.out_features // (3 * h)))  # TalkingHeadAttn: C // num_heads
     a = int(getattr(attn, "attn_dim", h * hd))
     if qkv.out_features != 3 * a:
         raise ValueError(f"qkv has {qkv.out_features} outputs, expected 3 x {a}")
-    w, bias = qkv.weight, qkv.bias
     b, t, _ = x.shape
     t2 = kv.shape[1]
+    if kv is x:  # plain self-attention: the module's own fused projection (bit-identical to attn(x))
+        q, k, v = qkv(x).reshape(b, t, 3, h, hd).permute(2, 0, 3, 1, 4).unbind(0)
+    else:
+        w, bias = qkv.weight, qkv.bias
 
-    def proj(inp: Tensor, i: int, length: int) -> Tensor:
-        out = F.linear(inp, w[i * a:(i + 1) * a], None if bias is None else bias[i * a:(i + 1) * a])
-        return out.reshape(b, length, h, hd).transpose(1, 2)          # (B, H, L, hd)
+        def project(inp: Tensor, i: int, length: int) -> Tensor:
+            out = F.linear(inp, w[i * a:(i + 1) * a], None if bias is None else bias[i * a:(i + 1) * a])
+            return out.reshape(b, length, h, hd).transpose(1, 2)          # (B, H, L, hd)
 
-    q, k, v = proj(x, 0, t), proj(kv, 1, t2), proj(kv, 2, t2)
+        q, k, v = project(x, 0, t), project(kv, 1, t2), project(kv, 2, t2)
+    if _talking_heads(attn):
+        logits = _mix_heads(attn.proj_l, (q * attn.scale) @ k.transpose(-2, -1))   # (B, H, T, T2)
+        weights = _mix_heads(attn.proj_w, logits.softmax(dim=-1))
+        out = attn.attn_drop(weights) @ v
+        return attn.proj_drop(attn.proj(out.transpose(1, 2).reshape(b, t, a)))
     q, k = attn.q_norm(q), attn.k_norm(k)
     if getattr(attn, "fused_attn", False):
         drop = attn.attn_drop.p if attn.training else 0.0
@@ -503,17 +550,49 @@ def cross_attention(attn: nn.Module, x: Tensor, kv: Tensor) -> Tensor:
 
 HTM_MODES = ("htm", "vtm", "hvtm")
 INPUT_MIXES = ("mixup_cutmix", "none")
+SUPPORTED_FAMILIES = "ViT/DeiT, CCT, CaiT (timm; CaiT on its self-attention blocks)"
+#: families of :class:`~tokenmix.models.backbones.Backbone` TokenMixup refuses, and why
+UNSUPPORTED_FAMILIES = {"swin": "Swin", "pvt_v2": "PVT v2"}
+UNSUPPORTED_REASONS = {
+    "swin": "attends within (shifted) local windows and merges patches between stages",
+    "pvt_v2": "attends to spatially reduced keys/values and changes the token grid between stages",
+}
+_UNSUPPORTED_CLASSES = {"SwinTransformer": "swin", "PyramidVisionTransformerV2": "pvt_v2"}
+
+
+def _backbone_family(model: nn.Module) -> str | None:
+    """:attr:`Backbone.family` of ``model``; for a model Backbone cannot describe, the family its
+    class names if it is one TokenMixup refuses (e.g. a PVT v2 without an image size), else None."""
+    try:
+        return Backbone.of(model).family
+    except ValueError:
+        return _UNSUPPORTED_CLASSES.get(type(model).__name__)
+
+
+def _inner(attn: nn.Module) -> nn.Module:
+    """The attention module inside a :class:`VerticalAttention` wrapper (else ``attn``)."""
+    return attn.attn if isinstance(attn, VerticalAttention) else attn
 
 
 class VerticalAttention(nn.Module):
-    """Wraps a block's timm ``Attention``: in training, keys and values also include the stored
-    salient tokens of earlier layers (normalised with the block's ``norm1``); in eval mode, and
-    when nothing is stored, plain self-attention. No parameters of its own."""
+    """Wraps a block's timm ``Attention`` (or CaiT's ``TalkingHeadAttn``): in training, keys and
+    values also include the stored salient tokens of earlier layers (normalised with the block's
+    ``norm1``); in eval mode, and when nothing is stored, plain self-attention. No parameters of
+    its own."""
 
     def __init__(self, attn: nn.Module, norm: nn.Module, store: list[Tensor]) -> None:
         super().__init__()
         self.attn, self.store = attn, store
         self._norm = [norm]  # not a submodule: the block owns it (no duplicate parameters)
+
+    @property
+    def proj_w(self) -> nn.Module:
+        """The wrapped talking-heads attention's ``proj_w`` (where
+        :class:`~tokenmix.models.backbones.Backbone` captures CaiT's map, as ``block.attn.proj_w``);
+        AttributeError for other attention modules."""
+        if not _talking_heads(self.attn):
+            raise AttributeError(f"{type(self.attn).__name__} has no talking-heads `proj_w`")
+        return self.attn.proj_w
 
     def forward(self, x: Tensor, *args: Any, **kwargs: Any) -> Tensor:
         if not self.training or not self.store:
@@ -539,6 +618,14 @@ class TokenMixup(MixMethod):
 
     Loss: soft-target CE against the HTM target + ``scorenet_lambda`` x soft-target CE of the
     ScoreNet logits against the pre-HTM target. Evaluation is plain self-attention.
+
+    Backbones: timm ViT/DeiT, CCT and CaiT. Layer indices count ``model.blocks``; on CaiT these
+    are its patch self-attention blocks (no prefix token: P = 0, ``"query_mean"`` saliency), and
+    the class-attention blocks (``blocks_token_only``) are untouched. For CaiT's talking-heads
+    attention the saliency map is the softmax, i.e. the input of ``proj_w`` (row-stochastic; the
+    package convention). Swin and PVT v2 raise ValueError in :meth:`prepare_model`: their window /
+    spatial-reduction attention and per-stage token grids break the token swap and the
+    stored-token cross-attention, which need global self-attention over a fixed token sequence.
 
     Args:
         variant: ``"paper"`` (default: each sample's own mask row) or ``"official"`` (the
@@ -588,15 +675,34 @@ class TokenMixup(MixMethod):
 
     # -- setup -------------------------------------------------------------------------------
     def prepare_model(self, model: nn.Module) -> nn.Module:
+        family = _backbone_family(model)
+        if family in UNSUPPORTED_FAMILIES:
+            raise ValueError(
+                f"tokenmixup does not support {UNSUPPORTED_FAMILIES[family]} ({type(model).__name__}): it needs "
+                "global self-attention blocks over a fixed token sequence, while "
+                f"{UNSUPPORTED_FAMILIES[family]} {UNSUPPORTED_REASONS[family]}, which breaks HTM's token swap and "
+                f"VTM's cross-attention to stored tokens; supported: {SUPPORTED_FAMILIES}")
         model = super().prepare_model(model)
         blocks = getattr(model, "blocks", None)
         if blocks is None:
-            raise ValueError(f"tokenmixup needs a model with `blocks` (timm ViT / CCT), got {type(model).__name__}")
-        depth, prefix = len(blocks), int(getattr(model, "num_prefix_tokens", 0))
-        self.num_prefix_tokens = prefix
+            raise ValueError(f"tokenmixup needs a model with `blocks` ({SUPPORTED_FAMILIES}), "
+                             f"got {type(model).__name__}")
+        depth = len(blocks)
         for what, layer in (("horizontal_layer", self.horizontal_layer), ("vertical_layer", self.vertical_layer)):
             if not 0 <= layer < depth:
                 raise ValueError(f"{what} {layer} is outside the model's {depth} blocks (valid: 0..{depth - 1})")
+        # prefix tokens of the sequence the blocks attend over: the model's CLS/distillation/register
+        # tokens for plain ViTs, none for CaiT's self-attention blocks (its CLS token only enters the
+        # class-attention blocks, which are not in `model.blocks`)
+        sites = Backbone.of(model).sites
+        if len(sites) < depth or any(sites[i].module is not _inner(blocks[i].attn) for i in range(depth)):
+            raise ValueError(f"tokenmixup cannot map the attention modules of {type(model).__name__} onto its "
+                             f"`blocks`; supported: {SUPPORTED_FAMILIES}")
+        prefixes = {int(sites[i].num_prefix_tokens) for i in range(depth)}
+        if len(prefixes) != 1:
+            raise ValueError(f"the blocks of {type(model).__name__} attend over different prefix token counts "
+                             f"{sorted(prefixes)}; tokenmixup needs one token sequence")
+        prefix = self.num_prefix_tokens = prefixes.pop()
         if self.saliency == "cls" and prefix == 0:
             raise ValueError("saliency='cls' needs a model with a CLS token; use 'query_mean' or 'auto'")
         if self.horizontal:
@@ -609,10 +715,13 @@ class TokenMixup(MixMethod):
                 raise ValueError("vertical_layer 0 has no earlier layers to take tokens from; use >= 1")
             for i in range(self.vertical_layer):
                 # the saliency of an earlier layer comes from its own forward: its attention map is
-                # captured at attn_drop (so those blocks run unfused attention)
-                blocks[i].attn.fused_attn = False
+                # captured at attn_drop (so those blocks run unfused attention), or at proj_w for
+                # talking heads (its input is the softmax, (B, T, T, H))
+                site = sites[i]
+                if hasattr(site.module, "fused_attn"):
+                    site.module.fused_attn = False
                 self._handles.append(blocks[i].register_forward_pre_hook(self._vtm_input_hook(i == 0)))
-                self._handles.append(blocks[i].attn.attn_drop.register_forward_pre_hook(self._vtm_attn_hook))
+                self._handles.append(site.capture.register_forward_pre_hook(self._vtm_attn_hook(site.heads_last)))
             blk = blocks[self.vertical_layer]
             blk.attn = VerticalAttention(blk.attn, blk.norm1, self._store)
         return model
@@ -620,8 +729,7 @@ class TokenMixup(MixMethod):
     # -- hooks (training only) ----------------------------------------------------------------
     def _saliency(self, block: nn.Module, x: Tensor) -> Tensor:
         with torch.no_grad():
-            attn = self_attention_map(block.attn.attn if isinstance(block.attn, VerticalAttention) else block.attn,
-                                      block.norm1(x.detach()))
+            attn = self_attention_map(_inner(block.attn), block.norm1(x.detach()))
         return saliency_from_attention(attn, self.num_prefix_tokens, self.saliency)
 
     def _htm_hook(self, block: nn.Module, args: tuple[Tensor, ...]) -> tuple[Tensor, ...] | None:
@@ -643,11 +751,16 @@ class TokenMixup(MixMethod):
             self._pending = args[0] if block.training else None
         return hook
 
-    def _vtm_attn_hook(self, _drop: nn.Module, args: tuple[Tensor, ...]) -> None:
-        if self._pending is not None:
-            sal = saliency_from_attention(args[0].detach(), self.num_prefix_tokens, self.saliency)
-            self._store.append(top_salient_tokens(self._pending, sal, self.kappa, self.num_prefix_tokens))
-            self._pending = None
+    def _vtm_attn_hook(self, heads_last: bool):
+        def hook(_capture: nn.Module, args: tuple[Tensor, ...]) -> None:
+            if self._pending is not None:
+                a = args[0].detach()
+                if heads_last:  # talking heads: proj_w's input (B, T, T, H) -> (B, H, T, T)
+                    a = a.permute(0, 3, 1, 2)
+                sal = saliency_from_attention(a, self.num_prefix_tokens, self.saliency)
+                self._store.append(top_salient_tokens(self._pending, sal, self.kappa, self.num_prefix_tokens))
+                self._pending = None
+        return hook
 
     # -- phases -------------------------------------------------------------------------------
     def mix(self, x: Tensor, y: Tensor) -> MixedBatch:

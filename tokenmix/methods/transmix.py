@@ -20,6 +20,15 @@ and the target is ``(1 - lam_p) y_own + lam_p y_partner`` (each smoothed first) 
 Models without a CLS token use the attention *received* by each patch token averaged over the
 patch queries (``reduce="query_mean"``) in place of the CLS row.
 
+Backbones (:class:`~tokenmix.models.backbones.Backbone`; TransMix supplement B: "the attention
+from the last Transformer block as default ... compatible for all ViT variants"): ViT/DeiT use
+the last block's CLS row (q, k capture below); CaiT the CLS row of its last class-attention
+block; Swin and PVT v2 (no class token) the attention received per token in the last block, on
+the **last stage's grid** -- the partner mask is then downsampled to that grid by area averaging
+(the supplement's "extra downsample step"); for ``official`` the nearest-sampled token mask is
+averaged the same way. Swin's last-stage attention is per window (received attention is
+averaged within each window); PVT v2's last stage has unreduced keys (sr 1) in every timm config.
+
 Composition: the input mixing is timm's Mixup/CutMix switch (``switch_prob`` = probability of
 CutMix; the official DeiT-S recipe's effective value is 0.5, see the reference §3.3); Mixup and
 unmixed batches keep their area target. Any other mask works: the rule reads ``partner_mask``
@@ -45,6 +54,7 @@ from torch import Tensor
 from .base import MixedBatch, MixMethod, ModelOutputs, Needs, TokenGrid, mix_targets, soft_target_cross_entropy
 from .baselines import MixupCutMix
 from ..models.attention import attention_from_qk
+from ..models.backbones import Backbone
 
 
 def attention_partner_share(attn: Tensor, partner_mask: Tensor, eps: float = 1e-12) -> Tensor:
@@ -83,8 +93,13 @@ class TransMix(MixMethod):
     def prepare_model(self, model: nn.Module) -> nn.Module:
         model = super().prepare_model(model)
         self.mixer.grid = self.grid
-        self.num_prefix_tokens = int(getattr(model, "num_prefix_tokens", 0))
-        self.has_cls = self.num_prefix_tokens > 0 and bool(getattr(model, "has_class_token", True))
+        bb = self.backbone = Backbone.of(model)
+        last = bb.sites[-1]
+        self.num_prefix_tokens = last.num_prefix_tokens
+        self.has_cls = bb.class_token and last.num_prefix_tokens > 0
+        qk_ok = bb.family == "vit" and isinstance(getattr(last.module, "q_norm", None), nn.Module)
+        self.needs = (Needs(qk=(-1,)) if qk_ok
+                      else Needs(attention_blocks=(-1,), attention_reduce="site"))
         return model
 
     @torch.no_grad()
@@ -98,16 +113,29 @@ class TransMix(MixMethod):
             return attention_from_qk(q[:, :, :1], k, scale)[:, :, 0, p:].mean(1)
         return attention_from_qk(q[:, :, p:], k, scale)[:, :, :, p:].mean(dim=(1, 2))
 
+    def attention(self, outputs: ModelOutputs) -> tuple[Tensor, tuple[int, int] | None]:
+        """The last block's patch attention (B, N') and its grid (None = the input grid)."""
+        if self.needs.qk:
+            return self.last_block_attention(outputs.qk), None
+        sm = outputs.attention[-1]
+        if self.has_cls:
+            return sm.cls_row(), sm.grid
+        return sm.received(), (sm.key_grid if sm.site.kind == "reduced" else sm.grid)
+
     def mix(self, x: Tensor, y: Tensor) -> MixedBatch:
         self.mixer.grid = self._require_grid(x)  # also when the grid was set directly, not by prepare_model
         return self.mixer.mix(x, y)
 
-    def partner_share(self, attn: Tensor, mixed: MixedBatch) -> Tensor:
-        """The partner's share of the target, (B,), for a box/mask batch and attention (B, N)."""
-        if self.variant == "paper":
-            return attention_partner_share(attn, mixed.partner_mask)
+    def partner_share(self, attn: Tensor, mixed: MixedBatch, grid: tuple[int, int] | None = None) -> Tensor:
+        """The partner's share of the target, (B,), for a box/mask batch and attention (B, N') on
+        ``grid`` (None: the input grid; else the partner mask is area-averaged onto it)."""
         assert self.grid is not None
-        lam_attn = attention_partner_share(attn, nearest_partner_mask(mixed, self.grid))
+        mask = mixed.partner_mask if self.variant == "paper" else nearest_partner_mask(mixed, self.grid)
+        if grid is not None and tuple(grid) != (self.grid.rows, self.grid.cols):
+            mask = self.backbone.downsample_mask(mask, grid)
+        lam_attn = attention_partner_share(attn, mask)
+        if self.variant == "paper":
+            return lam_attn
         return 0.5 * ((1.0 - mixed.lam_area) + lam_attn)
 
     def loss(self, outputs: ModelOutputs, mixed: MixedBatch) -> tuple[Tensor, dict[str, float]]:
@@ -116,7 +144,8 @@ class TransMix(MixMethod):
             # report the own share of the target used (the area one) on every batch, so that the
             # engine's per-epoch mean of lam_transmix is not diluted by batches without the key
             return loss, {**info, "lam_transmix": float(mixed.lam_area.mean())}
-        lam_p = self.partner_share(self.last_block_attention(outputs.qk), mixed)  # (B,)
+        attn, grid = self.attention(outputs)
+        lam_p = self.partner_share(attn, mixed, grid)  # (B,)
         target = mix_targets(mixed.y, mixed.y_partner, 1.0 - lam_p, self.num_classes, self.smoothing)
         mixed.target = target
         loss = soft_target_cross_entropy(outputs.logits, target)

@@ -14,25 +14,27 @@ Example::
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 import torch.nn as nn
 from torch import Tensor
 
-Reduce = Literal["none", "head_mean", "cls", "query_mean"]
-REDUCTIONS: tuple[str, ...] = ("none", "head_mean", "cls", "query_mean")
+from .backbones import Backbone, Site, SiteMap
+
+Reduce = Literal["none", "head_mean", "cls", "query_mean", "site"]
+REDUCTIONS: tuple[str, ...] = ("none", "head_mean", "cls", "query_mean", "site")
 
 
 def attention_modules(model: nn.Module) -> list[nn.Module]:
-    """Attention modules of ``model`` in forward order: every submodule with an ``attn_drop``
-    module and a ``fused_attn`` flag (timm's convention). Raises if there is none."""
-    mods = [m for m in model.modules()
-            if isinstance(getattr(m, "attn_drop", None), nn.Module) and hasattr(m, "fused_attn")]
-    if not mods:
-        raise ValueError(f"{type(model).__name__} has no timm-style attention modules "
-                         "(with `attn_drop` and `fused_attn`); attention cannot be captured")
-    return mods
+    """Attention modules of ``model`` in forward order (the :class:`~tokenmix.models.backbones.Backbone`
+    sites: timm ViT/DeiT/CCT attention, CaiT's talking-heads and class attention, Swin's window
+    attention, PVT v2's spatial-reduction attention). Raises ValueError if there is none."""
+    sites = Backbone.of(model).sites
+    if not sites:
+        raise ValueError(f"{type(model).__name__} has no timm-style attention modules (with `attn_drop` and "
+                         "`fused_attn`); attention cannot be captured")
+    return [site.module for site in sites]
 
 
 def reduce_attention(attn: Tensor, reduce: str, num_prefix_tokens: int) -> Tensor:
@@ -62,75 +64,118 @@ def reduce_attention(attn: Tensor, reduce: str, num_prefix_tokens: int) -> Tenso
 
 
 class AttentionCapture:
-    """Context manager capturing the attention of ``blocks`` during forwards inside it.
+    """Context manager capturing the attention of chosen sites during forwards inside it.
+
+    Works on every :class:`~tokenmix.models.backbones.Backbone` family. The map is taken where
+    all official codes take it: post-softmax, pre-dropout (a forward pre-hook on ``attn_drop``, or
+    on ``proj_w`` for CaiT's talking heads), with ``fused_attn`` switched off on the chosen sites
+    only and restored on exit.
 
     Args:
-        model: a timm model (ViT/DeiT family; see :func:`attention_modules`).
-        blocks: indices into :func:`attention_modules` (negative from the end); ``None`` = all.
-        reduce: see :func:`reduce_attention`.
+        model: a supported backbone.
+        blocks: indices into the backbone's attention sites (negative from the end); ``None`` = all.
+        reduce: ``"none"`` (B', H, Tq, Tk) and ``"head_mean"`` (B', Tq, Tk), in the site's own
+            layout (per window for Swin); ``"cls"`` (B, N) the CLS row and ``"query_mean"`` (B, N)
+            the attention received per token on the stage grid (model-independent; see
+            :class:`~tokenmix.models.backbones.SiteMap`); ``"site"`` a
+            :class:`~tokenmix.models.backbones.SiteMap` (head-mean map + geometry, for TL-Align).
         detach: detach the maps (labels must never carry gradient); default True.
         dtype: dtype of the stored maps (float32 by default, also under autocast).
 
-    After a forward, ``cap[i]`` / ``cap.maps`` hold the latest map of each block, keyed by the
-    index as given. Accessing a block that produced nothing raises ``RuntimeError``. On exit the
-    hooks are removed and every ``fused_attn`` flag is restored.
+    After a forward, ``cap[i]`` / ``cap.maps`` hold the latest map of each site, keyed by the
+    index as given. Accessing a site that produced nothing raises ``RuntimeError``.
 
     Raises:
         ValueError: unknown ``reduce``, or ``reduce="cls"`` on a model without a class token.
-        IndexError: a block index out of range.
+        IndexError: a site index out of range.
     """
 
     def __init__(self, model: nn.Module, blocks: Sequence[int] | None = (-1,), reduce: Reduce = "head_mean",
                  detach: bool = True, dtype: torch.dtype = torch.float32) -> None:
         if reduce not in REDUCTIONS:
             raise ValueError(f"unknown attention reduction {reduce!r}; valid: {', '.join(REDUCTIONS)}")
-        mods = attention_modules(model)
-        idx = list(range(len(mods))) if blocks is None else list(blocks)
-        for i in idx:
-            if not -len(mods) <= i < len(mods):
-                raise IndexError(f"block {i} out of range: {type(model).__name__} has {len(mods)} attention blocks")
-        self.model, self.blocks, self.reduce, self.detach, self.dtype = model, idx, reduce, detach, dtype
-        self.num_prefix_tokens = int(getattr(model, "num_prefix_tokens", 0))
-        if reduce == "cls" and (self.num_prefix_tokens < 1 or not getattr(model, "has_class_token", True)):
+        self.backbone = Backbone.of(model)
+        attention_modules(model)  # raises for a model without attention
+        idx = list(range(len(self.backbone.sites))) if blocks is None else list(blocks)
+        self._targets = {i: self.backbone.site(i) for i in idx}
+        no_cls = self.backbone.family == "vit" and not getattr(model, "has_class_token", True)
+        if reduce == "cls" and (no_cls or any(t.num_prefix_tokens < 1 or t.kind not in ("global", "class")
+                                              for t in self._targets.values())):
             # without a class token the first prefix token would be a register token (or a patch)
             raise ValueError("reduce='cls' needs a model with a class token; use 'query_mean'")
-        self._targets = {i: mods[i] for i in idx}
+        self.model, self.blocks, self.reduce, self.detach, self.dtype = model, idx, reduce, detach, dtype
+        self.num_prefix_tokens = int(getattr(model, "num_prefix_tokens", 0))
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
         self._fused: dict[int, bool] = {}
-        self.maps: dict[int, Tensor] = {}
+        self._geometry: dict[int, dict[str, tuple[int, int]]] = {}
+        self.maps: dict[int, Any] = {}
 
-    def _hook(self, key: int):
+    def _geometry_hook(self, key: int, site: Site):
+        def hook(_module: nn.Module, args: tuple[Any, ...]) -> None:
+            if site.kind == "window":  # block input (B, H, W, C)
+                h, w = int(args[0].shape[1]), int(args[0].shape[2])
+                blk = site.block
+                self._geometry[key] = {"grid": (h, w), "window": tuple(blk.window_size),
+                                       "shift": tuple(blk.shift_size)}
+            else:  # PVT attention input (x, feat_size)
+                h, w = (int(v) for v in args[1])
+                sr = site.module.sr
+                k = int(sr.kernel_size[0]) if sr is not None else 1
+                self._geometry[key] = {"grid": (h, w), "key_grid": ((h - k) // k + 1, (w - k) // k + 1)}
+        return hook
+
+    def _site_map(self, key: int, site: Site, head_mean: Tensor) -> SiteMap:
+        geo = self._geometry.get(key) or {"grid": self.backbone.stage_grids[site.stage]}
+        return SiteMap(site, head_mean, **geo)
+
+    def _hook(self, key: int, site: Site):
         def hook(_module: nn.Module, args: tuple[Tensor, ...]) -> None:
             a = args[0]
             if self.detach:
                 a = a.detach()
-            self.maps[key] = reduce_attention(a.to(self.dtype), self.reduce, self.num_prefix_tokens)
+            if site.heads_last:
+                a = a.permute(0, 3, 1, 2)
+            a = a.to(self.dtype)
+            if self.reduce == "none":
+                self.maps[key] = a
+            elif self.reduce == "head_mean":
+                self.maps[key] = a.mean(1)
+            else:
+                sm = self._site_map(key, site, a.mean(1))
+                self.maps[key] = {"site": sm, "cls": sm.cls_row, "query_mean": sm.received}[self.reduce]
+                if self.reduce != "site":
+                    self.maps[key] = self.maps[key]()
         return hook
 
     def __enter__(self) -> "AttentionCapture":
-        self.maps = {}
-        # record every flag before switching any off: two indices may name the same block (-1 and L-1)
-        self._fused = {key: mod.fused_attn for key, mod in self._targets.items()}
-        for key, mod in self._targets.items():
-            mod.fused_attn = False
-            self._handles.append(mod.attn_drop.register_forward_pre_hook(self._hook(key)))
+        self.maps, self._geometry = {}, {}
+        # record every flag before switching any off: two indices may name the same site (-1 and L-1)
+        self._fused = {key: t.module.fused_attn for key, t in self._targets.items() if hasattr(t.module, "fused_attn")}
+        for key, site in self._targets.items():
+            if key in self._fused:
+                site.module.fused_attn = False
+            if site.kind == "window":
+                self._handles.append(site.block.register_forward_pre_hook(self._geometry_hook(key, site)))
+            elif site.kind == "reduced":
+                self._handles.append(site.module.register_forward_pre_hook(self._geometry_hook(key, site)))
+            self._handles.append(site.capture.register_forward_pre_hook(self._hook(key, site)))
         return self
 
     def __exit__(self, *exc: object) -> None:
         for h in self._handles:
             h.remove()
         self._handles.clear()
-        for key, mod in self._targets.items():
-            mod.fused_attn = self._fused[key]
+        for key, flag in self._fused.items():
+            self._targets[key].module.fused_attn = flag
 
-    def __getitem__(self, block: int) -> Tensor:
+    def __getitem__(self, block: int) -> Any:
         if block not in self.maps:
             raise RuntimeError(f"no attention was captured for block {block} (captured: "
                                f"{sorted(self.maps) or 'nothing'}); was a forward run inside the context?")
         return self.maps[block]
 
-    def all(self) -> dict[int, Tensor]:
-        """Every requested block's map; raises if any block captured nothing."""
+    def all(self) -> dict[int, Any]:
+        """Every requested site's map; raises if any site captured nothing."""
         return {b: self[b] for b in self.blocks}
 
 
@@ -205,9 +250,24 @@ def attention_from_qk(q: Tensor, k: Tensor, scale: float) -> Tensor:
 def self_attention_map(attn: nn.Module, x: Tensor) -> Tensor:
     """Post-softmax attention of a timm ``Attention`` module on its (normalised) input, recomputed
     from the module's own ``qkv`` and q/k norms: x (B, T, D) -> (B, H, T, T) float32. Call it
-    under ``torch.no_grad()`` for a saliency pass (TokenMixup's extra attention pass)."""
+    under ``torch.no_grad()`` for a saliency pass (TokenMixup's extra attention pass).
+
+    For CaiT's talking-heads attention (``timm.models.cait.TalkingHeadAttn``: ``proj_l`` mixes
+    the heads before the softmax, ``proj_w`` after it) the map is the softmax itself,
+    ``softmax(proj_l(q * scale @ k^T))``, i.e. the input of ``proj_w`` (the package convention of
+    :mod:`tokenmix.models.backbones`: a row-stochastic map), returned heads first.
+    """
     b, t, _ = x.shape
-    qkv = attn.qkv(x).reshape(b, t, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4)
+    h = int(attn.num_heads)
+    proj_l, proj_w = getattr(attn, "proj_l", None), getattr(attn, "proj_w", None)
+    if isinstance(proj_l, nn.Linear) and isinstance(proj_w, nn.Linear):  # talking heads (CaiT)
+        qkv = attn.qkv(x).reshape(b, t, 3, h, attn.qkv.out_features // (3 * h)).permute(2, 0, 3, 1, 4)
+        with torch.autocast(x.device.type, enabled=False):
+            logits = (qkv[0].float() * attn.scale) @ qkv[1].float().transpose(-2, -1)    # (B, H, T, T)
+            logits = nn.functional.linear(logits.permute(0, 2, 3, 1), proj_l.weight.float(),
+                                          None if proj_l.bias is None else proj_l.bias.float())
+            return logits.permute(0, 3, 1, 2).softmax(dim=-1)
+    qkv = attn.qkv(x).reshape(b, t, 3, h, attn.head_dim).permute(2, 0, 3, 1, 4)
     return attention_from_qk(attn.q_norm(qkv[0]), attn.k_norm(qkv[1]), attn.scale)
 
 

@@ -283,3 +283,27 @@ def test_train_command_runs_backbones_through_the_engine(tmp_path, model, method
     import json
     summary = json.loads((tmp_path / "r" / "summary.json").read_text())
     assert summary["status"] == "complete" and summary["model"] == model
+
+
+@pytest.mark.parametrize("name, grids, smmix_grid", [
+    ("deit_small_patch16_224", [(14, 14)], (14, 14)),
+    ("cait_xxs24_224", [(14, 14), (14, 14)], (14, 14)),
+    ("swin_tiny_patch4_window7_224", [(56, 56), (28, 28), (14, 14), (7, 7)], (7, 7)),
+    ("pvt_v2_b0", [(56, 56), (28, 28), (14, 14), (7, 7)], (7, 7)),
+])
+def test_paper_architectures_at_224(name, grids, smmix_grid):
+    """The papers' models at 224 px: their stage grids, and SMMix on the last stage (side 7 for
+    PVT, as the official code; Swin's window 7 covers that whole stage)."""
+    model = create_model(name, 1000, 224, 3)
+    bb = Backbone.of(model)
+    assert bb.stage_grids == grids
+    m = methods.get("smmix", num_classes=1000)
+    m.prepare_model(model)
+    assert (m.grid.rows, m.grid.cols) == smmix_grid and m.grid.img_size == (224, 224)
+    if name.startswith("swin"):
+        assert tuple(model.layers[-1].blocks[0].window_size) == (7, 7)
+
+
+def test_pvt_too_small_image_fails_with_the_reason():
+    with pytest.raises(ValueError, match="too small.*sr_ratio.*>= 32"):
+        create_model("pvt_v2_b0", 10, 28, 1)

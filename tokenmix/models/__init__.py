@@ -146,6 +146,7 @@ def create_model(name: str, num_classes: int, img_size: int, in_chans: int = 3, 
         model = timm.create_model(name, pretrained=pretrained, num_classes=num_classes, in_chans=in_chans,
                                   drop_path_rate=drop_path_rate, **kwargs)
         model.tokenmix_img_size = (img_size, img_size)  # read by Backbone.of (the token grid)
+        Backbone.of(model)  # fails now, with the reason, if the image is too small for its stages
         return model
     if name.startswith("swin_") and "window_size" not in kwargs:
         # the largest window <= 7 (Swin's) that divides the first stage's grid: timm then needs no

@@ -293,6 +293,12 @@ class Backbone:
             if stage.downsample is not None:
                 h, w = (h + 1) // 2, (w + 1) // 2  # 3x3 conv, stride 2, padding 1
             grids.append((h, w))
+            sr = getattr(stage.blocks[0].attn, "sr", None)
+            k = int(sr.kernel_size[0]) if sr is not None else 1
+            if min(h, w) < k:
+                raise ValueError(f"image size {tuple(size)} is too small for {type(model).__name__}: stage {s} has a "
+                                 f"{h}x{w} token grid but reduces its keys by {k}x{k} (sr_ratio); use an image size "
+                                 f">= {4 * k * 2 ** s}")
             for blk in stage.blocks:
                 if getattr(blk.attn, "pool", None) is not None:
                     raise ValueError("linear PVT v2 (pvt_v2_*_li, pooled keys) is not supported")

@@ -5,7 +5,8 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 FMNIST := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
-RUN_ID ?= fmnist-vit_cpu-cutmix-s0
+STUDY ?= configs/fmnist_cpu.yaml
+STUDY_RUNS ?= runs/fmnist_cpu
 export HF_HUB_OFFLINE := 1
 export PYTHONDONTWRITEBYTECODE := 1
 export MPLBACKEND := Agg
@@ -35,23 +36,18 @@ data: $(STAMP)
 teacher: setup
 	$(BIN)/python -m tokenmix teacher --dataset fashion_mnist --img_size 28
 
-# The main job: the CPU preset with CutMix on full Fashion-MNIST, through papermill.
-# A finished run is never re-run or overwritten; an interrupted one resumes (resume=True).
+# The main job: the CPU study (configs/fmnist_cpu.yaml: every method, 2 seeds, 20 papermill runs
+# of notebooks/10_train.ipynb into runs/fmnist_cpu/), then the report (tables, figures, README).
+# Finished runs are skipped and interrupted ones resumed, so a second `make run` only re-reports.
 run: setup teacher
-	@if grep -qs '"status": "complete"' runs/$(RUN_ID)/summary.json; then \
-	  echo "runs/$(RUN_ID) is complete; not re-running it (delete the folder or set RUN_ID=... to train again)"; \
-	else mkdir -p runs/$(RUN_ID) && \
-	  $(BIN)/papermill notebooks/10_train.ipynb runs/$(RUN_ID)/10_train.ipynb -k python3 --cwd $(CURDIR) \
-	    --log-output --progress-bar -p out_dir runs -p run_id $(RUN_ID) -p resume True \
-	    -p method cutmix -p model vit_cpu -p dataset fashion_mnist -p img_size 28 -p train_subset 0 \
-	    -p test_subset 0 -p epochs 10 -p batch_size 64 -p lr 0.002 -p warmup_epochs 1.0 -p progress True; fi
-	$(BIN)/python -m tokenmix report --runs runs --figures figures --readme README.md
+	$(BIN)/python -m tokenmix sweep $(STUDY); rc=$$?; \
+	$(BIN)/python -m tokenmix report --runs $(STUDY_RUNS) --figures figures --readme README.md && exit $$rc
 
 test: setup
 	$(BIN)/python -m pytest
 
 figures: setup
-	$(BIN)/python -m tokenmix report --runs runs --figures figures --readme README.md
+	$(BIN)/python -m tokenmix report --runs $(STUDY_RUNS) --figures figures --readme README.md
 
 clean:
 	rm -rf $(VENV) .pytest_cache build *.egg-info tokenmix.egg-info

@@ -33,8 +33,8 @@ def capture_all(model, x, reduce="site"):
 # description of each family
 
 @pytest.mark.parametrize("fam, family, grids, kinds, cls_token", [
-    ("deit", "vit", [(8, 8)], ["global"] * 2, True),
-    ("cait", "cait", [(8, 8), (8, 8)], ["global", "global", "class"], True),
+    ("deit", "vit", [(8, 8)], ["global"] * 4, True),
+    ("cait", "cait", [(8, 8), (8, 8)], ["global"] * 4 + ["class"], True),
     ("swin", "swin", [(8, 8), (4, 4)], ["window"] * 3, False),
     ("pvt_v2", "pvt_v2", [(8, 8), (4, 4)], ["reduced"] * 2, False),
     ("cct", "vit", [(16, 16)], ["global"] * 7, False),

@@ -11,6 +11,7 @@ Examples::
     python -m tokenmix bench --methods transmix,tl_align,tl_align:path=kdim   # step time vs CutMix
     python -m tokenmix teacher --dataset fashion_mnist --img_size 28   # TokenMix teacher-map cache
     python -m tokenmix train --method tokenmix                          # ... then train with it
+    python -m tokenmix sweep configs/fmnist_cpu.yaml    # a grid of runs (papermill); --smoke, --dry-run
 """
 from __future__ import annotations
 
@@ -111,7 +112,7 @@ def _teacher(argv: list[str]) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    commands = ("train", "methods", "models", "report", "bench", "teacher")
+    commands = ("train", "methods", "models", "report", "bench", "teacher", "sweep")
     if not argv or argv[0] in ("-h", "--help"):
         print(__doc__)
         return 0
@@ -134,12 +135,18 @@ def main(argv: list[str] | None = None) -> int:
         for name, (_, desc) in CNN_PRESETS.items():
             print(f"{name:16s} {desc}")
         n_presets = len(PRESETS) + len(CCT_PRESETS) + len(CNN_PRESETS)
-        print(f"... and {len(available_models()) - n_presets} timm models (vit_*, deit_*)")
+        from .models import TIMM_FAMILIES, TINY_MODELS
+        print(f"{', '.join(TINY_MODELS)}: tiny models of each backbone family (tests, smoke runs)")
+        n = len(available_models()) - n_presets - len(TINY_MODELS)
+        print(f"... and {n} timm models ({', '.join(p + '*' for p in TIMM_FAMILIES)})")
         return 0
     if cmd == "bench":
         return _bench(rest)
     if cmd == "teacher":
         return _teacher(rest)
+    if cmd == "sweep":
+        from .sweep import main as sweep_main
+        return sweep_main(rest)
     if cmd == "report":
         from .report import main as report_main
         return report_main(rest)

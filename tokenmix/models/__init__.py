@@ -29,8 +29,8 @@ SMALL_IMAGE: int = 64
 #: patch-4 grid of 8x8 tokens; the hierarchical ones keep a 4x4 last stage so SMMix's windows fit):
 #: the timm architecture and the constructor arguments that shrink it.
 TINY_CONFIGS: dict[str, tuple[str, dict[str, Any]]] = {
-    "deit": ("deit_tiny_patch16_224", dict(embed_dim=32, depth=2, num_heads=2)),
-    "cait": ("cait_xxs24_224", dict(embed_dim=32, depth=2, num_heads=2, depth_token_only=1)),
+    "deit": ("deit_tiny_patch16_224", dict(embed_dim=32, depth=4, num_heads=2)),
+    "cait": ("cait_xxs24_224", dict(embed_dim=32, depth=4, num_heads=2, depth_token_only=1)),
     "swin": ("swin_tiny_patch4_window7_224", dict(embed_dim=16, depths=(2, 1), num_heads=(1, 2))),
     "pvt_v2": ("pvt_v2_b0", dict(embed_dims=(16, 32), depths=(1, 1), num_heads=(1, 2), sr_ratios=(2, 1),
                                  mlp_ratios=(2.0, 2.0))),

@@ -1,0 +1,116 @@
+"""The sweep runner: grid parsing and validation, skip / resume / failure isolation, papermill
+execution, and the GPU recipe grids smoke-tested on generated data."""
+import json
+from pathlib import Path
+
+import pytest
+
+from tokenmix.config import ConfigError
+from tokenmix.engine import train
+from tokenmix.sweep import cell_status, load_grid, main, run_sweep, smoke_test
+
+REPO = Path(__file__).resolve().parents[1]
+TINY_BASE = dict(dataset="synthetic", img_size=32, model="tiny_deit", train_subset=32, test_subset=16,
+                 epochs=1, warmup_epochs=0.0, batch_size=16, progress=False)
+
+
+def write_grid(tmp_path, methods, base=None, axes=None, name="g"):
+    spec = {"name": name, "out_dir": str(tmp_path / "runs"), "base": {**TINY_BASE, **(base or {})},
+            "axes": axes or {"seed": [0]}, "methods": methods}
+    p = tmp_path / f"{name}.yaml"
+    p.write_text(json.dumps(spec))  # JSON is YAML
+    return p
+
+
+def test_grid_product_and_run_ids(tmp_path):
+    g = load_grid(write_grid(tmp_path, [{"method": "cutmix"}, {"method": "tokenmixup", "label": "tmu_vtm",
+                                                                 "method_kwargs": {"mode": "vtm"}}],
+                             axes={"seed": [0, 1], "model": ["tiny_deit", "tiny_cait"]}))
+    assert len(g.cells) == 8 and g.out_dir == str(tmp_path / "runs")
+    ids = [c.run_id for c in g.cells]
+    assert "synthetic-tiny_cait-tmu_vtm-s1" in ids and "synthetic-tiny_deit-cutmix-s0" in ids
+    assert all(c.config.resume for c in g.cells)
+    assert g.cells[-1].config.method_kwargs == {"mode": "vtm"}
+
+
+@pytest.mark.parametrize("methods, base, match", [
+    ([{"method": "nosuch"}], {}, "nosuch.*valid"),
+    ([{"method": "cutmix", "bogus_field": 1}], {}, "bogus_field"),
+    ([{"method": "smmix", "method_kwargs": {"placement": "up->down"}}], {}, "placement.*valid"),
+    ([{"method": "cutmix"}], {"model": "resnet50"}, "unknown model"),
+    ([{"method": "cutmix"}, {"method": "cutmix"}], {}, "both make run id"),
+])
+def test_bad_grids_fail_before_anything_runs(tmp_path, methods, base, match):
+    with pytest.raises(ConfigError, match=match):
+        load_grid(write_grid(tmp_path, methods, base))
+    assert not (tmp_path / "runs").exists()
+
+
+def test_unknown_top_level_key(tmp_path):
+    p = tmp_path / "x.yaml"
+    p.write_text("name: x\nmethods: [{method: cutmix}]\nmodels: [a]\n")
+    with pytest.raises(ConfigError, match="unknown key.*models.*valid"):
+        load_grid(p)
+    assert main([str(p), "--dry-run"]) == 2
+
+
+def test_skip_and_failure_isolation(tmp_path):
+    # tokenmixup refuses Swin at prepare time: that cell fails, the others run
+    grid = load_grid(write_grid(tmp_path, [{"method": "cutmix"}, {"method": "tokenmixup", "model": "tiny_swin"},
+                                           {"method": "transmix"}]))
+    lines: list[str] = []
+    res = run_sweep(grid, launcher="inprocess", log=lines.append)
+    assert [r.status for r in res] == ["done", "failed", "done"]
+    failed = json.loads((tmp_path / "runs" / "synthetic-tiny_swin-tokenmixup-s0" / "summary.json").read_text())
+    assert failed["status"] == "failed" and "Swin" in failed["error"] and "Traceback" in failed["traceback"]
+    assert any("FAILED" in line and "Swin" in line for line in lines)
+    assert lines[-1].startswith("[sweep g] 2 run, 0 skipped (complete), 1 failed")
+    # a second sweep skips the finished runs and retries the failed one
+    res2 = run_sweep(grid, launcher="inprocess", log=lines.append)
+    assert [r.status for r in res2] == ["skipped", "failed", "skipped"]
+    assert res2[0].top1 == res[0].top1
+
+
+def test_interrupted_run_is_resumed(tmp_path):
+    grid = load_grid(write_grid(tmp_path, [{"method": "cutmix"}], base={"epochs": 2}))
+    cell = grid.cells[0]
+
+    def crash(epoch, record):
+        raise KeyboardInterrupt  # the machine going down after the first epoch's checkpoint
+
+    with pytest.raises(KeyboardInterrupt):
+        train(cell.config, callbacks=[crash])
+    assert cell_status(cell) == "partial"
+    lines: list[str] = []
+    res = run_sweep(grid, launcher="inprocess", log=lines.append)
+    assert res[0].status == "done" and "resuming" in lines[0]
+    metrics = (tmp_path / "runs" / cell.run_id / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(m)["epoch"] for m in metrics] == [1, 2]
+    assert cell_status(cell) == "complete"
+
+
+def test_papermill_launcher_keeps_the_executed_notebook(tmp_path):
+    grid = load_grid(write_grid(tmp_path, [{"method": "mixup"}]))
+    res = run_sweep(grid, launcher="papermill", cwd=REPO, log=lambda s: None)
+    assert res[0].status == "done", res[0].error
+    run_dir = tmp_path / "runs" / grid.cells[0].run_id
+    nb = json.loads((run_dir / "10_train.ipynb").read_text())
+    assert any("injected-parameters" in c.get("metadata", {}).get("tags", []) for c in nb["cells"])
+    assert json.loads((run_dir / "summary.json").read_text())["status"] == "complete"
+
+
+@pytest.mark.parametrize("grid_file", sorted((REPO / "configs").glob("*.yaml")), ids=lambda p: p.stem)
+def test_recipe_grids_validate_and_run_one_tiny_step_per_cell(grid_file, tmp_path):
+    grid = load_grid(grid_file)
+    assert grid.cells and grid.description
+    res = smoke_test(grid, log=lambda s: None, workdir=tmp_path)
+    assert res and all(r.status == "done" for r in res), [(r.run_id, r.error) for r in res if r.status != "done"]
+
+
+def test_fmnist_study_grid_is_the_issue_protocol():
+    grid = load_grid(REPO / "configs" / "fmnist_cpu.yaml")
+    labels = sorted({c.label for c in grid.cells})
+    assert labels == sorted(["none", "mixup", "cutmix", "mixup_cutmix", "transmix", "tokenmix", "tokenmixup_htm",
+                             "tokenmixup_vtm", "smmix", "tl_align"])
+    assert sorted({c.config.seed for c in grid.cells}) == [0, 1]
+    assert {c.config.model for c in grid.cells} == {"vit_cpu"}

@@ -45,20 +45,39 @@ def write_report(runs_dir: str | Path, figures_dir: str | Path) -> list[Path]:
 README_START, README_END = "<!-- results:start -->", "<!-- results:end -->"
 
 
-def update_readme(readme: str | Path, markdown: str) -> bool:
-    """Replace the text between the ``<!-- results:start -->`` / ``<!-- results:end -->`` markers
+def update_readme(readme: str | Path, markdown: str, block: str = "results") -> bool:
+    """Replace the text between the ``<!-- {block}:start -->`` / ``<!-- {block}:end -->`` markers
     of ``readme`` with ``markdown``; returns True when the file changed.
 
     Raises:
         ValueError: the markers are missing or out of order.
     """
+    start, end = f"<!-- {block}:start -->", f"<!-- {block}:end -->"
     path = Path(readme)
     text = path.read_text()
-    i, j = text.find(README_START), text.find(README_END)
+    i, j = text.find(start), text.find(end)
     if i < 0 or j < i:
-        raise ValueError(f"{path} has no '{README_START}' ... '{README_END}' block to fill")
-    new = text[:i + len(README_START)] + "\n" + markdown.strip() + "\n" + text[j:]
+        raise ValueError(f"{path} has no '{start}' ... '{end}' block to fill")
+    new = text[:i + len(start)] + "\n" + markdown.strip() + "\n" + text[j:]
     return write_if_changed(path, new.encode())
+
+
+def provenance(runs_dir: str | Path) -> str:
+    """One line naming when and where the complete runs under ``runs_dir`` were made (from their
+    records, so it changes only when the runs do)."""
+    sums = [r.summary for r in list_runs(runs_dir) if r.complete]
+    if not sums:
+        return ""
+    days = sorted({str(s.get("finished_at", ""))[:10] for s in sums if s.get("finished_at")})
+    when = days[0] if len(days) == 1 else f"{days[0]} to {days[-1]}" if days else "unknown dates"
+    where = sorted({f"{s.get('device', '?')} ({s.get('machine', '?')}, {s.get('threads', '?')} threads), "
+                    f"torch {s.get('torch', '?')}, timm {s.get('timm', '?')}" for s in sums})
+    return f"{len(sums)} runs, finished {when} on {'; '.join(where)}."
+
+
+def _strip_title(md: str) -> str:
+    """A generated Markdown file without its own ``# title`` line."""
+    return md.split("\n", 1)[1].lstrip("\n") if md.startswith("# ") else md
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -67,6 +86,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                                 description="Figures and results tables from the run records.")
     p.add_argument("--runs", default="runs", metavar="DIR", help="folder of run records (default: runs)")
     p.add_argument("--figures", default="figures", metavar="DIR", help="output folder (default: figures)")
+    p.add_argument("--data_dir", default="data", metavar="DIR",
+                   help="datasets and the teacher cache, for the label-fidelity benchmark (default: data)")
     p.add_argument("--readme", default=None, metavar="FILE",
                    help="also paste the results table between the results markers of FILE (e.g. README.md)")
     args = p.parse_args(None if argv is None else list(argv))
@@ -85,11 +106,29 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"tokenmix report: no complete fashion_mnist runs of {' and '.join(OCCLUSION_METHODS)} with one "
               "model (and checkpoints); occlusion figure skipped")
     paths += occlusion
+    from .fidelity import write_label_fidelity
+    fidelity = write_label_fidelity(args.runs, args.figures, data_dir=args.data_dir)
+    if not fidelity:
+        print("tokenmix report: no complete fashion_mnist vit_cpu run with a checkpoint; label-fidelity benchmark skipped")
+    paths += fidelity
+    from .study import write_study_figures
+    paths += write_study_figures(args.runs, args.figures, args.data_dir)
     if args.readme:
-        md = (Path(args.figures) / "results.md").read_text()
-        md = md.split("\n", 1)[1].lstrip("\n") if md.startswith("# ") else md  # drop the file's own title
-        if update_readme(args.readme, md):
-            paths.append(Path(args.readme))
+        blocks = {"results": "results.md", "fidelity": "label_fidelity.md"}
+        for block, name in blocks.items():
+            f = Path(args.figures) / name
+            if f.is_file() and f"<!-- {block}:start -->" in Path(args.readme).read_text():
+                md = _strip_title(f.read_text())
+                if block == "results":
+                    md = md.replace("from the complete run records; do not edit.",
+                                    f"from the complete run records in `{args.runs}/`; do not edit. "
+                                    + provenance(args.runs), 1)
+                if update_readme(args.readme, md, block) and Path(args.readme) not in paths:
+                    paths.append(Path(args.readme))
+        from .study import MAIN_TABLES, paper_table_markdown
+        if "<!-- papers:start -->" in Path(args.readme).read_text():
+            if update_readme(args.readme, paper_table_markdown(sources=MAIN_TABLES), "papers") and Path(args.readme) not in paths:
+                paths.append(Path(args.readme))
     skipped = len(all_runs) - n_complete
     print(f"tokenmix report: {n_complete} complete run(s)"
           + (f" ({skipped} unfinished or failed skipped)" if skipped else "") + "; wrote "
@@ -97,7 +136,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
-__all__ = ["OUTPUTS", "RESULT_COLUMNS", "figure_bytes", "main", "markdown_table", "mixed_targets_table",
+__all__ = ["OUTPUTS", "RESULT_COLUMNS", "provenance", "figure_bytes", "main", "markdown_table", "mixed_targets_table",
            "plot_curves", "results_display", "results_markdown", "results_table", "run_label", "save_figure",
            "show_attention", "show_images", "show_mixed_batch", "summary_table", "token_map_to_pixels",
            "unnormalize", "update_readme", "write_if_changed", "write_report"]
@@ -125,3 +164,10 @@ __all__ += ["OCCLUSION_OUTPUTS", "alignment_views", "find_occlusion_runs", "find
 __all__ += ["CurriculumRun", "HTMExample", "curriculum", "htm_example", "latency_table", "mask_variant_table",
             "plot_curriculum", "plot_htm_example", "plot_saliency_comparison", "stack_dataset"]
 __all__ += ["mixed_topk_accuracy", "plot_loss_terms", "plot_smmix_vs_cutmix", "short_run"]
+
+# the study (make run / make figures): accuracy vs time, the mixed-sample gallery, paper numbers
+from .study import (MAIN_TABLES, STUDY_OUTPUTS, paper_pivot, paper_results, paper_table_markdown,  # noqa: E402
+                    plot_accuracy_vs_time, plot_gallery, results_with_paper, write_study_figures)
+
+__all__ += ["MAIN_TABLES", "STUDY_OUTPUTS", "paper_pivot", "paper_results", "paper_table_markdown",
+            "plot_accuracy_vs_time", "plot_gallery", "results_with_paper", "write_study_figures"]

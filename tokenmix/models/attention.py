@@ -30,11 +30,15 @@ def attention_modules(model: nn.Module) -> list[nn.Module]:
     """Attention modules of ``model`` in forward order (the :class:`~tokenmix.models.backbones.Backbone`
     sites: timm ViT/DeiT/CCT attention, CaiT's talking-heads and class attention, Swin's window
     attention, PVT v2's spatial-reduction attention). Raises ValueError if there is none."""
-    sites = Backbone.of(model).sites
-    if not sites:
+    return [site.module for site in _sites(model, Backbone.of(model))]
+
+
+def _sites(model: nn.Module, backbone: Backbone) -> list[Site]:
+    """The backbone's attention sites; ValueError for a model without attention."""
+    if not backbone.sites:
         raise ValueError(f"{type(model).__name__} has no timm-style attention modules (with `attn_drop` and "
                          "`fused_attn`); attention cannot be captured")
-    return [site.module for site in sites]
+    return backbone.sites
 
 
 def reduce_attention(attn: Tensor, reduce: str, num_prefix_tokens: int) -> Tensor:
@@ -95,7 +99,7 @@ class AttentionCapture:
         if reduce not in REDUCTIONS:
             raise ValueError(f"unknown attention reduction {reduce!r}; valid: {', '.join(REDUCTIONS)}")
         self.backbone = Backbone.of(model)
-        attention_modules(model)  # raises for a model without attention
+        _sites(model, self.backbone)  # raises for a model without attention
         idx = list(range(len(self.backbone.sites))) if blocks is None else list(blocks)
         self._targets = {i: self.backbone.site(i) for i in idx}
         no_cls = self.backbone.family == "vit" and not getattr(model, "has_class_token", True)

@@ -272,3 +272,36 @@ def test_paper_table_markdown_selects_sources(papers):
     md = paper_table_markdown(papers, sources=study.MAIN_TABLES)
     assert re.findall(r"^### (.+) \(", md, flags=re.M) == list(study.MAIN_TABLES)
     assert set(study.MAIN_TABLES) <= set(papers["source"])
+
+
+def test_spread_positions_keeps_order_and_gap():
+    from tokenmix.report.study import spread_positions
+    vals = [0.50, 0.51, 0.505, 0.9, 0.1, 0.995]
+    out = spread_positions(vals, gap=0.05)
+    order = sorted(range(len(vals)), key=lambda i: vals[i])
+    ranked = [out[i] for i in order]
+    assert all(b - a >= 0.05 - 1e-12 for a, b in zip(ranked, ranked[1:]))  # order kept, gap held
+    assert min(out) >= 0.0 and max(out) <= 1.0
+    assert out[4] == pytest.approx(0.1)  # an isolated label does not move
+    assert spread_positions([0.2, 0.7], gap=0.1) == [0.2, 0.7]  # nothing to do
+    assert spread_positions([0.5, 0.5], gap=0.2) == pytest.approx([0.5, 0.7])  # hand-computed push-up
+    assert spread_positions([1.0, 1.0], gap=0.2) == pytest.approx([0.8, 1.0])  # pulled down from the top
+    many = spread_positions([0.5] * 5, gap=0.5)  # cannot fit: centred on [0, 1]
+    assert (min(many) + max(many)) / 2 == pytest.approx(0.5)
+    with pytest.raises(ValueError, match="gap"):
+        spread_positions([0.1], gap=-1.0)
+
+
+def test_plot_accuracy_vs_time_labels_do_not_overlap(runs_dir):
+    from matplotlib.text import Text
+    df = results_table(list_runs(runs_dir))
+    ok = df["rel_time_vs_cutmix"].notna()
+    df.loc[ok, "top1_mean"] = 80.0 + 0.01 * np.arange(int(ok.sum()))  # three points at one height
+    df.loc[ok, "rel_time_vs_cutmix"] = 1.0 + 0.01 * np.arange(int(ok.sum()))
+    fig = plot_accuracy_vs_time(df)
+    fig.canvas.draw()
+    boxes = [Text.get_window_extent(t) for t in fig.axes[0].texts]  # the text alone, not its leader line
+    assert len(boxes) == 3
+    for i, a in enumerate(boxes):
+        for b in boxes[i + 1:]:
+            assert not a.overlaps(b)

@@ -215,6 +215,35 @@ def paper_table_markdown(paper_df: pd.DataFrame | None = None, sources: Sequence
 # ---------------------------------------------------------------------------------------------
 # accuracy vs training cost
 
+def spread_positions(values: Sequence[float], gap: float, lo: float = 0.0, hi: float = 1.0) -> list[float]:
+    """Move 1-D label positions apart: the result keeps the order of ``values``, neighbours are at
+    least ``gap`` apart, each moves as little as this greedy two-pass rule allows, and all lie in
+    ``[lo, hi]`` when ``len(values) * gap <= hi - lo`` (otherwise the column is centred on the range).
+
+    Returns:
+        The new positions, in the order of ``values``.
+    Raises:
+        ValueError: ``gap`` is negative or ``hi < lo``.
+    """
+    if gap < 0 or hi < lo:
+        raise ValueError(f"need gap >= 0 and lo <= hi, got gap={gap}, lo={lo}, hi={hi}")
+    order = sorted(range(len(values)), key=lambda i: values[i])
+    pos = [min(max(float(values[i]), lo), hi) for i in order]
+    for k in range(1, len(pos)):  # push up
+        pos[k] = max(pos[k], pos[k - 1] + gap)
+    if pos and pos[-1] > hi:  # then pull down from the top
+        pos[-1] = hi
+        for k in range(len(pos) - 2, -1, -1):
+            pos[k] = min(pos[k], pos[k + 1] - gap)
+    if pos and pos[0] < lo:  # too many labels for the range: centre the column on it
+        shift = (lo + hi) / 2 - (pos[0] + pos[-1]) / 2
+        pos = [p + shift for p in pos]
+    out = [0.0] * len(values)
+    for k, i in enumerate(order):
+        out[i] = pos[k]
+    return out
+
+
 def plot_accuracy_vs_time(df: pd.DataFrame, title: str | None = None, save: str | Path | None = None) -> Figure:
     """Final test top-1 (mean ± std over seeds) against the training time per epoch relative to
     CutMix, one labelled point per row of a :func:`results_table` (SMMix Figure 1 style).
@@ -232,16 +261,16 @@ def plot_accuracy_vs_time(df: pd.DataFrame, title: str | None = None, save: str 
     if ok.empty:
         raise ValueError("no result row has a time relative to CutMix (train CutMix on the same model and dataset)")
     groups = list(dict.fromkeys(zip(ok["model"], ok["dataset"])))
-    fig, ax = plt.subplots(figsize=(6.4, 4.4))
+    fig, ax = plt.subplots(figsize=(7.6, 4.6))
     colours = plt.get_cmap("tab10")
+    points: list[tuple[float, float, str, Any]] = []
     for i, row in enumerate(ok.itertuples(index=False)):
         label = str(row.method) if len(groups) == 1 else f"{row.method} ({row.model}, {row.dataset})"
         std = float(row.top1_std)
-        ax.errorbar([float(row.rel_time_vs_cutmix)], [float(row.top1_mean)],
-                    yerr=None if math.isnan(std) else [[std], [std]], fmt="o", ms=6, capsize=3,
+        x, y = float(row.rel_time_vs_cutmix), float(row.top1_mean)
+        ax.errorbar([x], [y], yerr=None if math.isnan(std) else [[std], [std]], fmt="o", ms=6, capsize=3,
                     color=colours(i % 10), label=label)
-        ax.annotate(f"{label} (n={int(row.n_seeds)})", (float(row.rel_time_vs_cutmix), float(row.top1_mean)),
-                    xytext=(6, 4 if i % 2 == 0 else -10), textcoords="offset points", fontsize=7)
+        points.append((x, y, f"{label} (n={int(row.n_seeds)})", colours(i % 10)))
     ax.axvline(1.0, color="0.6", ls=":", lw=1)
     for model, dataset in groups:
         ref = ok[(ok["model"] == model) & (ok["dataset"] == dataset) & (ok["method"] == REFERENCE_METHOD)]
@@ -249,7 +278,7 @@ def plot_accuracy_vs_time(df: pd.DataFrame, title: str | None = None, save: str 
             ax.axhline(float(ref["top1_mean"].iloc[0]), color="0.6", ls=":", lw=1)
     xs = ok["rel_time_vs_cutmix"].astype(float)
     pad = max(0.05, 0.08 * float(xs.max() - xs.min()))
-    ax.set_xlim(float(xs.min()) - pad, float(xs.max()) + 4 * pad)  # room for the labels on the right
+    ax.set_xlim(float(xs.min()) - pad, float(xs.max()) + pad)
     ax.set(xlabel="training time per epoch relative to CutMix (×)",
            ylabel="final test top-1 (%), mean ± std over seeds")
     if title is None:
@@ -258,6 +287,17 @@ def plot_accuracy_vs_time(df: pd.DataFrame, title: str | None = None, save: str 
     ax.set_title(title, fontsize=10)
     ax.grid(alpha=0.3)
     fig.tight_layout()
+    # Labels in a column right of the axes, in the points' vertical order, pushed apart so that
+    # none overlap, each joined to its point by a thin leader line. Placed after the layout is
+    # fixed; savefig(bbox_inches="tight") makes room for them.
+    fig.canvas.draw()  # fixes the layout and the y limits (the error bars included)
+    to_axes = ax.transAxes.inverted().transform
+    ys_axes = [float(to_axes(ax.transData.transform((x, y)))[1]) for x, y, _, _ in points]
+    gap = 9.0 / (ax.bbox.height * 72.0 / fig.dpi)  # one 7-pt line plus leading, in axes fraction
+    for (x, y, text, colour), y_label in zip(points, spread_positions(ys_axes, gap)):
+        ax.annotate(text, xy=(x, y), xycoords="data", xytext=(1.03, y_label), textcoords="axes fraction",
+                    fontsize=7, va="center", color="0.1", annotation_clip=False,
+                    arrowprops=dict(arrowstyle="-", color=colour, lw=0.6, alpha=0.7, shrinkA=0, shrinkB=4))
     if save is not None:
         save_figure(fig, save)
     return fig

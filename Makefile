@@ -11,7 +11,7 @@ export HF_HUB_OFFLINE := 1
 export PYTHONDONTWRITEBYTECODE := 1
 export MPLBACKEND := Agg
 
-.PHONY: setup data teacher run test figures clean
+.PHONY: setup data teacher run test figures bench clean
 
 setup: $(STAMP) data
 
@@ -47,6 +47,12 @@ test: setup
 	$(BIN)/python -m pytest
 
 figures: setup
+	$(BIN)/python -m tokenmix report --runs $(STUDY_RUNS) --figures figures --readme README.md
+
+# The overhead benchmark (every method vs CutMix, CPU preset + DeiT-S at 32 px, ~6-8 min here):
+# writes figures/bench.{csv,md}; `make figures` pastes bench.md into the README.
+bench: teacher
+	$(BIN)/python -m tokenmix bench --out figures
 	$(BIN)/python -m tokenmix report --runs $(STUDY_RUNS) --figures figures --readme README.md
 
 clean:

@@ -123,3 +123,19 @@ def test_resume_rejects_changed_config(tmp_path):
     with pytest.raises(RunExistsError, match="method"):
         open_run_dir(tiny_cfg(tmp_path, run_id="r", method="mixup", resume=True))
     assert open_run_dir(tiny_cfg(tmp_path, run_id="r", resume=True, progress=True))[1] == "resume"
+
+
+def test_global_batch_sampler_splits_the_single_process_batches():
+    from torch.utils.data import RandomSampler
+
+    from tokenmix.engine import GlobalBatchSampler
+    n, batch, world = 53, 8, 2
+    single = list(RandomSampler(range(n), generator=torch.Generator().manual_seed(11)))
+    one = GlobalBatchSampler(n, 0, 1, batch, torch.Generator().manual_seed(11))
+    assert list(one) == single[: (n // batch) * batch]  # world 1: RandomSampler's order, whole batches
+    ranks = [list(GlobalBatchSampler(n, r, world, batch, torch.Generator().manual_seed(11))) for r in range(world)]
+    assert len(ranks[0]) == len(ranks[1]) == (n // batch) * batch // world
+    per = batch // world
+    for step in range(n // batch):  # each step: the ranks' batches together are the single-process batch
+        together = sorted(ranks[0][step * per:(step + 1) * per] + ranks[1][step * per:(step + 1) * per])
+        assert together == sorted(single[step * batch:(step + 1) * batch])

@@ -357,9 +357,13 @@ def test_load_model_without_the_teacher_cache(tmp_path):
     maps_dir.mkdir()
     np.save(maps_dir / "train_values.npy", fake.values)
     np.save(maps_dir / "train_classes.npy", fake.classes)
+    import hashlib
+
+    from tokenmix.data import load_split
+    sha1 = hashlib.sha1(load_split("synthetic", 32, True)[0].numpy().tobytes()).hexdigest()  # the images it maps
     atomic_write_json(maps_dir / "meta.json", {"format": 1, "dataset": "synthetic", "img_size": 32,
                                                "teacher": "cnn_small", "top_k": 3,
-                                               "splits": {"train": {"num_images": 512}}})
+                                               "splits": {"train": {"num_images": 512, "data_sha1": sha1}}})
     cfg = RunConfig(method="tokenmix", dataset="synthetic", img_size=32, train_subset=64, test_subset=32, epochs=1,
                     batch_size=32, warmup_epochs=0.0, out_dir=str(tmp_path / "runs"), run_id="tm", progress=False,
                     method_kwargs={"teacher_cache": str(maps_dir)})

@@ -8,7 +8,8 @@ Examples::
     python -m tokenmix methods          # list methods and their parameters
     python -m tokenmix models           # list models
     python -m tokenmix report --runs runs --figures figures   # tables + figures from run records
-    python -m tokenmix bench --methods transmix,tl_align,tl_align:path=kdim   # step time vs CutMix
+    python -m tokenmix bench            # the overhead suite: step time + memory vs CutMix -> figures/bench.md
+    python -m tokenmix bench --methods transmix,tl_align,tl_align:path=kdim   # just these, printed
     python -m tokenmix teacher --dataset fashion_mnist --img_size 28   # TokenMix teacher-map cache
     python -m tokenmix train --method tokenmix                          # ... then train with it
     python -m tokenmix sweep configs/fmnist_cpu.yaml    # a grid of runs (papermill); --smoke, --dry-run
@@ -57,25 +58,40 @@ def config_parser(prog: str = "python -m tokenmix train") -> argparse.ArgumentPa
 
 
 def _bench(argv: list[str]) -> int:
-    p = argparse.ArgumentParser(prog="python -m tokenmix bench",
-                                description="Median training-step time of methods relative to CutMix (one process, interleaved).")
-    p.add_argument("--methods", default="transmix,tl_align,tl_align:path=kdim",
-                   help="comma-separated specs; parameters after ':' joined by ',' are not allowed here, use ';' "
-                        "between specs to pass them, e.g. 'transmix;tl_align:path=kdim,variant=paper'")
+    p = argparse.ArgumentParser(
+        prog="python -m tokenmix bench",
+        description="Training-step time and peak memory of the methods relative to CutMix (one process, methods "
+                    "interleaved). Without --methods: the full suite (every method on the CPU preset and on a "
+                    "DeiT-S-shaped model at 32 px, TokenMixup's saliency latencies, the targets), written to "
+                    "<out>/bench.{csv,md} for the README.")
+    p.add_argument("--methods", default="",
+                   help="only these specs, printed (not written): comma-separated, or ';'-separated when specs carry "
+                        "parameters, e.g. 'transmix;tl_align:path=kdim,variant=paper'")
+    p.add_argument("--out", default="figures", help="folder of bench.csv / bench.md (suite only; default: figures)")
+    p.add_argument("--data_dir", default="data", help="where the teacher caches are (TokenMix)")
     p.add_argument("--model", default="vit_cpu")
     p.add_argument("--img_size", type=int, default=28)
     p.add_argument("--in_chans", type=int, default=1)
     p.add_argument("--batch_size", type=int, default=64)
     p.add_argument("--repeats", type=int, default=30)
     p.add_argument("--warmup", type=int, default=5)
+    p.add_argument("--memory", action="store_true", help="with --methods: also measure peak memory")
+    p.add_argument("--device", default="cpu", help="cpu (default), cuda or auto")
     args = p.parse_args(argv)
-    from .bench import format_results, step_time_ratios
-    sep = ";" if ";" in args.methods else ","
-    specs = [s.strip() for s in args.methods.split(sep) if s.strip()]
+    from .bench import format_results, run_suite, step_time_ratios
     try:
+        if not args.methods:
+            suite = run_suite(data_dir=args.data_dir, device=args.device, log=lambda m: print(m, flush=True))
+            paths = suite.write(args.out)
+            print(suite.markdown())
+            print("wrote " + ", ".join(map(str, paths)))
+            return 0
+        sep = ";" if ";" in args.methods else ","
+        specs = [s.strip() for s in args.methods.split(sep) if s.strip()]
         res = step_time_ratios(specs, model=args.model, img_size=args.img_size, in_chans=args.in_chans,
-                               batch_size=args.batch_size, warmup=args.warmup, repeats=args.repeats)
-    except ValueError as e:
+                               batch_size=args.batch_size, warmup=args.warmup, repeats=args.repeats,
+                               memory=args.memory, device=args.device)
+    except (ValueError, FileNotFoundError, RuntimeError) as e:
         print(f"tokenmix: error: {e}", file=sys.stderr)
         return 2
     print(format_results(res))
@@ -161,7 +177,7 @@ def main(argv: list[str] | None = None) -> int:
     from .teacher import TeacherCacheError
     try:
         train(cfg)
-    except (RunExistsError, TeacherCacheError) as e:
+    except (ConfigError, RunExistsError, TeacherCacheError) as e:  # bad input: one line, no traceback
         print(f"tokenmix: error: {e}", file=sys.stderr)
         return 2
     return 0

@@ -114,7 +114,7 @@ class RunConfig:
             if not ok:
                 raise ConfigError(f"RunConfig.{f.name} must be {t.__name__}, got {v!r} ({type(v).__name__})")
         from . import methods
-        from .data import DATASETS
+        from .data import DATASETS, dataset_info
         from .models import patch_size_for
 
         def choice(name: str, value: str, valid: typing.Iterable[str]) -> None:
@@ -142,6 +142,13 @@ class RunConfig:
         if bad:
             raise ConfigError(f"method {self.method!r} has no parameter(s) {', '.join(bad)} in method_kwargs; "
                               f"valid: {', '.join(k for k in params if k != 'num_classes')}")
+        kwargs = self.method_params(dataset_info(self.dataset).num_classes)
+        if not kwargs.get("variant", True):
+            del kwargs["variant"]  # "" = the method's default, resolved after validation
+        try:  # the method's own checks of its parameter values (cheap: nothing is loaded)
+            methods.get(self.method, **kwargs)
+        except (ValueError, TypeError) as e:
+            raise ConfigError(f"method {self.method!r}: {e}") from None
         checks = [
             ("epochs", self.epochs >= 1, ">= 1"), ("batch_size", self.batch_size >= 2 and self.batch_size % 2 == 0,
                                                    "even and >= 2 (samples are mixed in pairs)"),

@@ -293,6 +293,16 @@ def subset_indices(n: int, k: int, seed: int = 0) -> Tensor:
     return torch.randperm(n, generator=torch.Generator().manual_seed(seed))[:k].sort().values
 
 
+def random_meta(batch_size: int, num_images: int, img_size: int, padding: int) -> dict[str, Tensor]:
+    """Sample metadata as the training set with ``train_meta=True`` produces it, drawn at random:
+    ``index`` (B,) in ``[0, num_images)``, padded-crop ``box`` (B, 4) as normalised
+    (y0, x0, y1, x1) and ``flip`` (B,) bool (for benchmarks and the engine's dry step)."""
+    off = (torch.randint(0, 2 * padding + 1, (batch_size, 2)).float() - padding) / img_size  # (B, 2)
+    box = torch.cat([off, off + 1.0], dim=1)
+    return {"index": torch.randint(0, num_images, (batch_size,)), "box": box,
+            "flip": torch.rand(batch_size) < 0.5}
+
+
 def load_split(dataset: str, img_size: int, train: bool, data_dir: str | Path = "data", download: bool = True,
                synthetic_size: int = 512, subset: int = 0) -> tuple[Tensor, Tensor, Tensor]:
     """A split of an in-memory dataset, size-fitted: uint8 (n, C, img_size, img_size), labels (n,) and

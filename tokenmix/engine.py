@@ -1,7 +1,8 @@
 """Training and evaluation: one loop for every method and model.
 
 Device-agnostic (CUDA with AMP when present, else CPU), DDP when started by ``torchrun``
-(DistributedSampler, rank 0 alone logs and writes), AdamW with a per-step cosine schedule and
+(each rank trains on its share of the single-process global batches, logged values are
+averaged over all ranks, rank 0 alone writes), AdamW with a per-step cosine schedule and
 linear warmup, a checkpoint written atomically after every epoch, ``resume=True`` continuing an
 interrupted run, and per-epoch reseeding so a resumed CPU run repeats an uninterrupted one.
 The loop never special-cases a method: it calls ``method.prepare_model``, ``method.mix`` and
@@ -31,12 +32,11 @@ import torch.distributed as dist
 import torch.nn as nn
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, RandomSampler, Sampler
-from torch.utils.data.distributed import DistributedSampler
 from tqdm import tqdm
 
 from . import methods
-from .config import RunConfig
-from .data import build_datasets, num_classes_of, with_sample_meta
+from .config import ConfigError, RunConfig
+from .data import build_datasets, dataset_info, num_classes_of, random_meta, with_sample_meta
 from .methods import MixMethod, ModelOutputs, Needs
 from .models import AttentionCapture, count_parameters, create_model
 from .models.attention import QKCapture
@@ -119,6 +119,38 @@ class ShardSampler(Sampler[int]):
         return len(self.indices)
 
 
+class GlobalBatchSampler(ShardSampler):
+    """One rank's share of the single-process epoch order: the permutation ``RandomSampler`` draws
+    from ``generator``, cut to whole global batches, then indices ``rank, rank + world, ...``.
+
+    With a per-process batch of ``global_batch / world`` every step of every rank together sees
+    exactly the global batch a single process sees at that step (same samples, same step count),
+    so a ``torchrun`` run differs from a single-process run only where random numbers are drawn
+    per process: data augmentation and the mixing (each process mixes its own part of the batch).
+    """
+
+    def __init__(self, n: int, rank: int, world_size: int, global_batch: int, generator: torch.Generator) -> None:
+        perm = torch.randperm(n, generator=generator)[: (n // global_batch) * global_batch]
+        self.indices = perm[rank::world_size].tolist()
+
+
+def merge_step_sums(sums: dict[str, float], counts: dict[str, int],
+                    info: DistInfo) -> tuple[dict[str, float], dict[str, int]]:
+    """Per-key sums and counts of the logged step values, added over all ranks (each rank may
+    report different keys, e.g. SMMix's terms only on its SMMix batches)."""
+    if not info.enabled:
+        return sums, counts
+    gathered: list[Any] = [None] * info.world_size
+    dist.all_gather_object(gathered, (sums, counts))
+    total_s: dict[str, float] = {}
+    total_c: dict[str, int] = {}
+    for s, c in gathered:
+        for k in s:
+            total_s[k] = total_s.get(k, 0.0) + s[k]
+            total_c[k] = total_c.get(k, 0) + c[k]
+    return total_s, total_c
+
+
 def peak_memory_mb(device: torch.device) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
@@ -132,15 +164,20 @@ class TrainForward(nn.Module):
     """Wraps a model so one ``forward`` returns what the method needs (DDP wraps this module).
 
     Returns a dict with ``logits`` (B, K), ``tokens`` (B, T, D) or None, ``attention``
-    {block: map} (captured with :class:`AttentionCapture`, detached) and ``qk`` (per block
-    ``(q, k, scale)``, captured with :class:`QKCapture`, when ``needs.qk``).
+    {block: map} (captured with :class:`AttentionCapture`, detached), ``qk`` (per block
+    ``(q, k, scale)``, captured with :class:`QKCapture`, when ``needs.qk``) and ``extras``:
+    ``extras_fn(tokens, mixed)`` when given the mixed batch, i.e. the method's own trainable
+    computations on the outputs (SMMix's token head). They run *inside* this forward so that DDP
+    sees every parameter used in it once (a head applied later, in the loss, breaks DDP's gradient
+    hooks).
     """
 
-    def __init__(self, model: nn.Module, needs: Needs) -> None:
+    def __init__(self, model: nn.Module, needs: Needs,
+                 extras_fn: Callable[[Tensor | None, Any], dict[str, Any]] | None = None) -> None:
         super().__init__()
-        self.model, self.needs = model, needs
+        self.model, self.needs, self.extras_fn = model, needs, extras_fn
 
-    def forward(self, x: Tensor) -> dict[str, Any]:
+    def forward(self, x: Tensor, mixed: Any = None) -> dict[str, Any]:
         n = self.needs
         with contextlib.ExitStack() as stack:
             cap = (stack.enter_context(AttentionCapture(self.model, n.attention_blocks, n.attention_reduce))
@@ -152,8 +189,9 @@ class TrainForward(nn.Module):
                 logits = self.model.forward_head(tokens)
             else:
                 tokens, logits = None, self.model(x)
+        extras = self.extras_fn(tokens, mixed) if self.extras_fn is not None and mixed is not None else {}
         return {"logits": logits, "tokens": tokens, "attention": cap.all() if cap else {},
-                "qk": qk.all() if qk else []}
+                "qk": qk.all() if qk else [], "extras": extras}
 
 
 @torch.no_grad()
@@ -218,6 +256,69 @@ def build_method(cfg: RunConfig, num_classes: int) -> MixMethod:
     return methods.get(cfg.method, **cfg.method_params(num_classes))
 
 
+def check_batch(batch_size: int, world_size: int = 1, min_batch: int = 2) -> int:
+    """The per-process batch of a global ``batch_size`` split over ``world_size`` processes.
+
+    Raises:
+        ConfigError: the split is uneven, odd (samples are paired i <-> B-1-i within each
+            process) or below ``min_batch``; the message lists valid global batch sizes.
+    """
+    per, rem = divmod(batch_size, world_size)
+    if rem == 0 and per >= max(min_batch, 2) and per % 2 == 0:
+        return per
+    unit = 2 * world_size
+    first = max(unit, -(-max(min_batch, 2) * world_size // unit) * unit)
+    valid = ", ".join(str(first + k * unit) for k in range(4))
+    raise ConfigError(f"batch_size {batch_size} over {world_size} process(es) gives {batch_size / world_size:g} "
+                      f"images per process; mixing pairs sample i with sample B-1-i within each process, so each "
+                      f"needs an even batch of at least {max(min_batch, 2)}; valid global batch sizes: {valid}, ...")
+
+
+def preflight(cfg: RunConfig, world_size: int = 1) -> None:
+    """Check everything about ``cfg`` that can be checked before any work starts (no data loaded,
+    nothing written): the method's parameters against the model (token grid, window and block
+    sizes, layer indices), the per-process batch, the method's inputs (TokenMix's teacher cache:
+    present, and built from the same training images) and one dry training step of the method on
+    random data (no backward). The global RNG state is left untouched.
+
+    Raises:
+        ConfigError: the method cannot run with this model, image size or batch (the message
+            names the values and, where there is a list, the valid choices).
+        tokenmix.teacher.TeacherCacheError: missing or stale teacher cache (names the build command).
+    """
+    from .teacher import TeacherMaps, verify_cache_data
+    info = dataset_info(cfg.dataset)
+    what = f"method {cfg.method!r} ({cfg.variant}) with model {cfg.model!r} at {cfg.img_size} px"
+    with torch.random.fork_rng(devices=[]):
+        try:
+            model = create_model(cfg.model, info.num_classes, cfg.img_size, info.in_chans,
+                                 patch_size=cfg.patch_size or None)
+            method = build_method(cfg, info.num_classes)
+            model = method.prepare_model(model)
+        except (ValueError, TypeError) as e:
+            raise ConfigError(f"{what}: {e}") from e
+        per = check_batch(cfg.batch_size, world_size, method.min_batch)
+        method.prepare_training()
+        maps = getattr(method, "maps", None)
+        if isinstance(maps, TeacherMaps) and cfg.dataset != "imagenet":
+            verify_cache_data(maps, cfg.dataset, cfg.img_size, cfg.data_dir, download=False)
+        b = min(per, 4)
+        x = torch.randn(b, info.in_chans, cfg.img_size, cfg.img_size)
+        y = torch.randint(0, info.num_classes, (b,))
+        try:
+            with torch.no_grad():
+                if method.needs.sample_meta:
+                    n_images = len(maps) if maps is not None else 1
+                    mixed = method.mix(x, y, meta=random_meta(b, n_images, cfg.img_size, cfg.img_size // 8))
+                else:
+                    mixed = method.mix(x, y)
+                net = TrainForward(model, method.needs, method.forward_extras).train()
+                method.loss(ModelOutputs(**net(mixed.x, mixed)), mixed)
+        except (ValueError, RuntimeError, IndexError, TypeError) as e:
+            raise ConfigError(f"{what} fails a dry training step on {b} random images "
+                              f"(token grid {method.grid}): {e}") from e
+
+
 def train(cfg: RunConfig, callbacks: Sequence[EpochCallback] = ()) -> dict[str, Any]:
     """Train and evaluate as ``cfg`` says; returns the run's summary (also in ``summary.json``).
 
@@ -236,14 +337,12 @@ def train(cfg: RunConfig, callbacks: Sequence[EpochCallback] = ()) -> dict[str, 
         if dinfo.enabled:
             dist.broadcast_object_list(rid, src=0)
         cfg = cfg.replace(run_id=rid[0])
-    if cfg.batch_size % (2 * dinfo.world_size):
-        raise ValueError(f"batch_size {cfg.batch_size} must split into even per-process batches over "
-                         f"{dinfo.world_size} processes")
     run_dir, state = open_run_dir(cfg)
     if state == "done":
         if dinfo.is_main:
             print(f"[tokenmix] {run_dir} is already complete; returning its summary")
         return load_run(run_dir).summary
+    preflight(cfg, dinfo.world_size)  # bad input fails here, before data is loaded or files written
     seed_everything(cfg.seed)
     train_ds, test_ds, dinfo_data = build_datasets(
         cfg.dataset, cfg.img_size, cfg.data_dir, cfg.download, cfg.train_subset, cfg.test_subset,
@@ -264,8 +363,10 @@ def train(cfg: RunConfig, callbacks: Sequence[EpochCallback] = ()) -> dict[str, 
         run_dir.mkdir(parents=True, exist_ok=True)
         if state == "new":
             atomic_write_json(run_dir / CONFIG, cfg.to_dict())
+        for tmp in run_dir.glob(".*.tmp"):  # left by a process killed while writing a file
+            tmp.unlink(missing_ok=True)
 
-    net: nn.Module = TrainForward(model, method.needs)
+    net: nn.Module = TrainForward(model, method.needs, method.forward_extras)
     if dinfo.enabled:
         net = nn.parallel.DistributedDataParallel(
             net, device_ids=[device.index] if device.type == "cuda" else None,
@@ -291,6 +392,7 @@ def train(cfg: RunConfig, callbacks: Sequence[EpochCallback] = ()) -> dict[str, 
         scaler.load_state_dict(ckpt["scaler"])
         start_epoch, history = ckpt["epoch"], ckpt["history"]
         if dinfo.is_main:
+            write_metrics(run_dir / METRICS, history)  # a kill between the two writes left it behind
             print(f"[tokenmix] resuming {run_dir} after epoch {start_epoch}")
 
     if dinfo.is_main:
@@ -303,12 +405,9 @@ def train(cfg: RunConfig, callbacks: Sequence[EpochCallback] = ()) -> dict[str, 
     record: dict[str, Any] = {}
     for epoch in range(start_epoch, cfg.epochs):
         seed_everything(epoch_seed(cfg.seed, epoch, dinfo.rank))
-        if dinfo.enabled:
-            sampler: Sampler = DistributedSampler(train_ds, dinfo.world_size, dinfo.rank, shuffle=True,
-                                                  seed=cfg.seed, drop_last=True)
-            sampler.set_epoch(epoch)
-        else:
-            sampler = RandomSampler(train_ds, generator=torch.Generator().manual_seed(epoch_seed(cfg.seed, epoch, 0)))
+        order = torch.Generator().manual_seed(epoch_seed(cfg.seed, epoch, 0))  # the same on every rank
+        sampler: Sampler = (GlobalBatchSampler(len(train_ds), dinfo.rank, dinfo.world_size, cfg.batch_size, order)
+                            if dinfo.enabled else RandomSampler(train_ds, generator=order))
         loader = DataLoader(train_ds, batch_size=per_rank, sampler=sampler, drop_last=True,
                             num_workers=cfg.num_workers, pin_memory=device.type == "cuda",
                             generator=torch.Generator().manual_seed(epoch_seed(cfg.seed, epoch, dinfo.rank)))
@@ -330,7 +429,7 @@ def train(cfg: RunConfig, callbacks: Sequence[EpochCallback] = ()) -> dict[str, 
             else:
                 mixed = method.mix(x, y)
             with torch.autocast(device.type, enabled=use_amp):
-                outputs = ModelOutputs(**net(mixed.x))
+                outputs = ModelOutputs(**net(mixed.x, mixed))
                 loss, info = method.loss(outputs, mixed)
             if not torch.isfinite(loss):
                 _fail(run_dir, cfg, dinfo, f"non-finite loss {float(loss.detach())} at epoch {epoch + 1}, step {i}")
@@ -348,6 +447,7 @@ def train(cfg: RunConfig, callbacks: Sequence[EpochCallback] = ()) -> dict[str, 
             if show_bar and i % 20 == 0:
                 bar.set_postfix(loss=f"{float(loss.detach()):.3f}", lr=f"{lr:.2e}", refresh=False)
         bar.close()
+        sums, counts = merge_step_sums(sums, counts, dinfo)  # logged values: means over all ranks' steps
         train_time = time.perf_counter() - t0
         record = {"epoch": epoch + 1, "lr": lr, "train_time": train_time,
                   "images_per_s": n_steps * cfg.batch_size / max(train_time, 1e-9),

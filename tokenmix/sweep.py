@@ -90,16 +90,6 @@ class CellResult:
     error: str = ""
 
 
-def _validate_cell(cfg: RunConfig) -> None:
-    """Method parameters and model name, checked without building anything heavy."""
-    from . import methods
-    from .data import dataset_info
-    from .models import patch_size_for
-
-    patch_size_for(cfg.model, cfg.img_size, cfg.patch_size or None)
-    methods.get(cfg.method, **cfg.method_params(dataset_info(cfg.dataset).num_classes))
-
-
 def load_grid(path: str | Path, out_dir: str | None = None) -> Grid:
     """Parse and validate a grid file (see the module docstring).
 
@@ -130,8 +120,7 @@ def load_grid(path: str | Path, out_dir: str | None = None) -> Grid:
             try:
                 cfg = RunConfig(**{**fields, "out_dir": grid.out_dir, "run_id": "", "resume": True})
                 run_id = f"{cfg.dataset}-{cfg.model}-{label}-s{cfg.seed}"
-                cfg = cfg.replace(run_id=run_id)
-                _validate_cell(cfg)
+                cfg = cfg.replace(run_id=run_id)  # RunConfig validates the method's parameters too
             except (ConfigError, ValueError, TypeError) as e:
                 raise ConfigError(f"{path}: cell {i} ({label}, {dict(zip(axes, combo))}): {e}") from e
             if run_id in seen:

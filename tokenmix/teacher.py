@@ -275,6 +275,28 @@ def load_teacher_maps(dataset: str, img_size: int, teacher: str = DEFAULT_TEACHE
     return TeacherMaps(values, classes, meta)
 
 
+def verify_cache_data(maps: TeacherMaps, dataset: str, img_size: int, data_dir: str | Path = "data",
+                      split: str = "train", download: bool = False) -> None:
+    """Check that a cache was built from the images training will read: same number of images and
+    the same pixels (``data_sha1`` of the size-fitted uint8 split, recorded when the cache was
+    built). Only for in-memory datasets (not the ImageNet image folder).
+
+    Raises:
+        TeacherCacheError: stale cache (other images), naming the rebuild command.
+    """
+    from .data import load_split
+    teacher = maps.meta.get("teacher", DEFAULT_TEACHER)
+    x = load_split(dataset, img_size, split == "train", data_dir, download)[0]
+    stored = maps.meta.get("splits", {}).get(split, {})
+    now = hashlib.sha1(x.numpy().tobytes()).hexdigest()
+    if len(x) != len(maps) or stored.get("data_sha1") != now:
+        cmd = build_command(dataset, img_size, teacher, data_dir)
+        raise TeacherCacheError(
+            f"stale teacher cache of {teacher!r} for {dataset}: it maps {len(maps)} {split} images (data_sha1 "
+            f"{str(stored.get('data_sha1'))[:12]}), but {dataset} at {img_size} px now has {len(x)} "
+            f"(data_sha1 {now[:12]}); rebuild it with `{cmd} --force`")
+
+
 def _save_npy(path: Path, arr: np.ndarray) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
     with open(tmp, "wb") as f:  # a file object: np.save appends no suffix
@@ -396,4 +418,4 @@ def build_teacher_maps(dataset: str = "fashion_mnist", img_size: int = 28, teach
 
 __all__ = ["CACHE_FORMAT", "DEFAULT_TEACHER", "TeacherCacheError", "TeacherMaps", "align_maps", "build_teacher_maps",
            "cache_dir", "class_activation_maps", "load_teacher_maps", "normalise_over_space", "top_k_maps",
-           "train_teacher"]
+           "train_teacher", "verify_cache_data"]

@@ -188,6 +188,8 @@ class MixMethod:
     name: ClassVar[str] = "none"
     variants: ClassVar[tuple[str, ...]] = ("official", "paper")
     needs: Needs = Needs()
+    #: the smallest batch (per process) the method can pair: i with B-1-i needs an even B >= 2
+    min_batch: ClassVar[int] = 2
 
     def __init__(self, num_classes: int, smoothing: float = 0.1, variant: str = "official",
                  mix_prob: float = 1.0) -> None:
@@ -214,6 +216,11 @@ class MixMethod:
         checkpoints see them)."""
         self.grid = TokenGrid.from_model(model)
         return model
+
+    def forward_extras(self, tokens: Tensor | None, mixed: MixedBatch) -> dict[str, Any]:
+        """Trainable computations of the method on the forward's outputs, run inside the training
+        forward (so DDP sees them; ``ModelOutputs.extras``). None by default; SMMix's token head."""
+        return {}
 
     def prepare_training(self) -> None:
         """Called by the engine once before the first training step (after :meth:`prepare_model`;

@@ -276,6 +276,13 @@ class SMMix(MixMethod):
         head = self._model.get_classifier() if self.shared_head else self._model.smmix_token_head
         return head(feats)
 
+    def forward_extras(self, tokens: Tensor | None, mixed: MixedBatch) -> dict[str, Any]:
+        """The token head on the own and the pasted regions (inside the training forward, for DDP)."""
+        if mixed.kind != "smmix" or tokens is None:
+            return {}
+        pasted = mixed.partner_mask
+        return {"smmix_region_logits": (self.region_logits(tokens, 1 - pasted), self.region_logits(tokens, pasted))}
+
     def loss(self, outputs: ModelOutputs, mixed: MixedBatch) -> tuple[Tensor, dict[str, float]]:
         l_cls = soft_target_cross_entropy(outputs.logits, mixed.target)
         info: dict[str, float] = {"lam": float(mixed.lam_area.mean())}
@@ -283,9 +290,9 @@ class SMMix(MixMethod):
             return l_cls, info
         if outputs.tokens is None:
             raise ValueError("smmix needs the final tokens (needs.tokens); the forward returned none")
-        pasted = mixed.partner_mask
-        l_fine = fine_loss(self.region_logits(outputs.tokens, 1 - pasted), self.region_logits(outputs.tokens, pasted),
-                           mixed.y, mixed.y_partner)
+        regions = outputs.extras.get("smmix_region_logits") or self.forward_extras(outputs.tokens, mixed)[
+            "smmix_region_logits"]  # computed in the forward by the engine; here for direct callers
+        l_fine = fine_loss(*regions, mixed.y, mixed.y_partner)
         z = mixed.extras["clean_logits"]
         l_con = consistency_loss(outputs.logits, z, z[mixed.partner_index], mixed.lam_area, self.variant)
         loss = self.w_cls * l_cls + self.w_fine * l_fine + self.w_con * l_con

@@ -60,6 +60,7 @@ from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 from torch import Tensor
 
 from .base import MixedBatch, MixMethod, ModelOutputs, Needs, TokenGrid, flip_pairing, mix_targets, one_hot
@@ -237,6 +238,16 @@ class TokenMix(MixMethod):
         self.needs = Needs(sample_meta=labels == "teacher")
 
     # -- setup -------------------------------------------------------------------------------
+    def prepare_model(self, model: nn.Module) -> nn.Module:
+        """Record the token grid; raises ValueError when it is too small for the masks (a block
+        must be smaller than the grid in both directions, so a grid below 2x2 would never mix)."""
+        model = super().prepare_model(model)
+        g = self.grid
+        if g is not None and (g.rows < 2 or g.cols < 2):
+            raise ValueError(f"tokenmix needs a token grid of at least 2x2 for its {self.mask} masks; got "
+                             f"{g.rows}x{g.cols} ({g}); use a larger img_size or a smaller patch_size")
+        return model
+
     def prepare_training(self) -> None:
         """For teacher labels, open the teacher cache (raises
         :class:`tokenmix.teacher.TeacherCacheError` naming the build command when missing/stale)."""

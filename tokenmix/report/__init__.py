@@ -80,6 +80,30 @@ def _strip_title(md: str) -> str:
     return md.split("\n", 1)[1].lstrip("\n") if md.startswith("# ") else md
 
 
+#: README blocks filled from generated Markdown files: block name -> file in the figures folder
+README_BLOCKS = {"results": "results.md", "fidelity": "label_fidelity.md", "bench": "bench.md"}
+
+
+def fill_readme(readme: str | Path, figures_dir: str | Path, runs_dir: str | Path) -> bool:
+    """Paste each generated table of :data:`README_BLOCKS` that exists into its block of
+    ``readme`` (blocks the README lacks are skipped; the results table gets its provenance line),
+    and the papers' main tables into the ``papers`` block. Returns True when the file changed."""
+    from .study import MAIN_TABLES, paper_table_markdown
+    changed = False
+    for block, name in README_BLOCKS.items():
+        f = Path(figures_dir) / name
+        if f.is_file() and f"<!-- {block}:start -->" in Path(readme).read_text():
+            md = _strip_title(f.read_text())
+            if block == "results":
+                md = md.replace("from the complete run records; do not edit.",
+                                f"from the complete run records in `{runs_dir}/`; do not edit. "
+                                + provenance(runs_dir), 1)
+            changed |= update_readme(readme, md, block)
+    if "<!-- papers:start -->" in Path(readme).read_text():
+        changed |= update_readme(readme, paper_table_markdown(sources=MAIN_TABLES), "papers")
+    return changed
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """``python -m tokenmix report [--runs DIR] [--figures DIR]``; returns the exit code."""
     p = argparse.ArgumentParser(prog="python -m tokenmix report",
@@ -113,22 +137,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     paths += fidelity
     from .study import write_study_figures
     paths += write_study_figures(args.runs, args.figures, args.data_dir)
-    if args.readme:
-        blocks = {"results": "results.md", "fidelity": "label_fidelity.md"}
-        for block, name in blocks.items():
-            f = Path(args.figures) / name
-            if f.is_file() and f"<!-- {block}:start -->" in Path(args.readme).read_text():
-                md = _strip_title(f.read_text())
-                if block == "results":
-                    md = md.replace("from the complete run records; do not edit.",
-                                    f"from the complete run records in `{args.runs}/`; do not edit. "
-                                    + provenance(args.runs), 1)
-                if update_readme(args.readme, md, block) and Path(args.readme) not in paths:
-                    paths.append(Path(args.readme))
-        from .study import MAIN_TABLES, paper_table_markdown
-        if "<!-- papers:start -->" in Path(args.readme).read_text():
-            if update_readme(args.readme, paper_table_markdown(sources=MAIN_TABLES), "papers") and Path(args.readme) not in paths:
-                paths.append(Path(args.readme))
+    if args.readme and fill_readme(args.readme, args.figures, args.runs) and Path(args.readme) not in paths:
+        paths.append(Path(args.readme))
     skipped = len(all_runs) - n_complete
     print(f"tokenmix report: {n_complete} complete run(s)"
           + (f" ({skipped} unfinished or failed skipped)" if skipped else "") + "; wrote "
@@ -136,10 +146,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
-__all__ = ["OUTPUTS", "RESULT_COLUMNS", "provenance", "figure_bytes", "main", "markdown_table", "mixed_targets_table",
-           "plot_curves", "results_display", "results_markdown", "results_table", "run_label", "save_figure",
-           "show_attention", "show_images", "show_mixed_batch", "summary_table", "token_map_to_pixels",
-           "unnormalize", "update_readme", "write_if_changed", "write_report"]
+__all__ = ["OUTPUTS", "README_BLOCKS", "RESULT_COLUMNS", "fill_readme", "provenance", "figure_bytes", "main",
+           "markdown_table", "mixed_targets_table", "plot_curves", "results_display", "results_markdown",
+           "results_table", "run_label", "save_figure", "show_attention", "show_images", "show_mixed_batch",
+           "summary_table", "token_map_to_pixels", "unnormalize", "update_readme", "write_if_changed", "write_report"]
 
 # method figures: TransMix (notebooks/01_transmix), TokenMix (notebooks/02_tokenmix), TokenMixup
 # (notebooks/03_tokenmixup), SMMix (notebooks/04_smmix) and TL-Align (notebooks/05_tl_align)

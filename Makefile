@@ -49,7 +49,7 @@ test: setup
 figures: setup
 	$(BIN)/python -m tokenmix report --runs $(STUDY_RUNS) --figures figures --readme README.md
 
-# The overhead benchmark (every method vs CutMix, CPU preset + DeiT-S at 32 px, ~6-8 min here):
+# The overhead benchmark (every method vs CutMix, CPU preset + DeiT-S at 32 px, ~4 min here):
 # writes figures/bench.{csv,md}; `make figures` pastes bench.md into the README.
 bench: teacher
 	$(BIN)/python -m tokenmix bench --out figures

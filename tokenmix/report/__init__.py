@@ -141,8 +141,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         paths.append(Path(args.readme))
     skipped = len(all_runs) - n_complete
     print(f"tokenmix report: {n_complete} complete run(s)"
-          + (f" ({skipped} unfinished or failed skipped)" if skipped else "") + "; wrote "
-          + ", ".join(str(p) for p in paths))
+          + (f" ({skipped} unfinished or failed skipped)" if skipped else "")
+          + "; outputs (a file whose content did not change is left untouched): " + ", ".join(str(p) for p in paths))
     return 0
 
 

@@ -215,8 +215,8 @@ def test_batch_too_small_for_pairing_lists_valid_sizes():
         check_batch(6, 2)
     with pytest.raises(ConfigError, match=r"gives 1 images per process.*at least 2; valid global batch sizes: 4, 8"):
         check_batch(2, 2)
-    with pytest.raises(ConfigError, match=r"at least 6; valid global batch sizes: 6, 8, 10, 12"):
-        check_batch(4, 1, min_batch=6)
+    with pytest.raises(ConfigError, match=r"batch_size 30 over 4 process\(es\) gives 7.5 images.*8, 16, 24, 32"):
+        check_batch(30, 4)
 
 
 def test_teacher_cache_missing_or_stale_fails_before_any_work(tmp_path, teacher_cache):

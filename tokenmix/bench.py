@@ -180,8 +180,7 @@ def bench_teacher_maps(num_images: int, num_classes: int, map_size: int, top_k: 
 def step_time_ratios(specs: list[str], reference: str = "cutmix", model: str = "vit_cpu", img_size: int = 28,
                      in_chans: int = 1, num_classes: int = 10, batch_size: int = 64, warmup: int = 5,
                      repeats: int = 30, seed: int = 0, patch_size: int | None = None, memory: bool = False,
-                     teacher_maps: Any = None, progress: Callable[[str], None] | None = None,
-                     device: str = "cpu") -> list[BenchResult]:
+                     teacher_maps: Any = None, device: str = "cpu") -> list[BenchResult]:
     """Median training-step time of each method spec, relative to ``reference`` (added if absent).
 
     Args:
@@ -189,7 +188,6 @@ def step_time_ratios(specs: list[str], reference: str = "cutmix", model: str = "
         memory: also measure each method's peak step memory (separate, untimed steps).
         teacher_maps: maps for TokenMix specs (default: the method's own cache, opened by
             ``prepare_training``; raises when missing).
-        progress: called with a short message per finished round.
         device: ``"cpu"``, ``"cuda"`` or ``"auto"`` (times are taken after a CUDA synchronise).
     """
     if reference not in specs:
@@ -243,8 +241,6 @@ def step_time_ratios(specs: list[str], reference: str = "cutmix", model: str = "
                 times[spec].append(t)
                 parts[spec].append((t_mix, t_loss))
                 kinds[spec].append(kind)
-        if progress is not None:
-            progress(f"round {r + 1}/{warmup + repeats}{' (warm-up)' if r < warmup else ''}")
     peaks = {spec: float("nan") for spec in specs}
     if memory:
         for spec, method, fwd, opt in runners:

@@ -256,22 +256,21 @@ def build_method(cfg: RunConfig, num_classes: int) -> MixMethod:
     return methods.get(cfg.method, **cfg.method_params(num_classes))
 
 
-def check_batch(batch_size: int, world_size: int = 1, min_batch: int = 2) -> int:
+def check_batch(batch_size: int, world_size: int = 1) -> int:
     """The per-process batch of a global ``batch_size`` split over ``world_size`` processes.
 
     Raises:
-        ConfigError: the split is uneven, odd (samples are paired i <-> B-1-i within each
-            process) or below ``min_batch``; the message lists valid global batch sizes.
+        ConfigError: the split is uneven or odd (every method pairs sample i with sample B-1-i
+            within each process, so each needs an even batch >= 2); the message lists valid sizes.
     """
     per, rem = divmod(batch_size, world_size)
-    if rem == 0 and per >= max(min_batch, 2) and per % 2 == 0:
+    if rem == 0 and per >= 2 and per % 2 == 0:
         return per
     unit = 2 * world_size
-    first = max(unit, -(-max(min_batch, 2) * world_size // unit) * unit)
-    valid = ", ".join(str(first + k * unit) for k in range(4))
+    valid = ", ".join(str(unit * k) for k in range(1, 5))
     raise ConfigError(f"batch_size {batch_size} over {world_size} process(es) gives {batch_size / world_size:g} "
                       f"images per process; mixing pairs sample i with sample B-1-i within each process, so each "
-                      f"needs an even batch of at least {max(min_batch, 2)}; valid global batch sizes: {valid}, ...")
+                      f"needs an even batch of at least 2; valid global batch sizes: {valid}, ...")
 
 
 def preflight(cfg: RunConfig, world_size: int = 1) -> None:
@@ -297,7 +296,7 @@ def preflight(cfg: RunConfig, world_size: int = 1) -> None:
             model = method.prepare_model(model)
         except (ValueError, TypeError) as e:
             raise ConfigError(f"{what}: {e}") from e
-        per = check_batch(cfg.batch_size, world_size, method.min_batch)
+        per = check_batch(cfg.batch_size, world_size)
         method.prepare_training()
         maps = getattr(method, "maps", None)
         if isinstance(maps, TeacherMaps) and cfg.dataset != "imagenet":

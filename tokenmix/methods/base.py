@@ -188,8 +188,6 @@ class MixMethod:
     name: ClassVar[str] = "none"
     variants: ClassVar[tuple[str, ...]] = ("official", "paper")
     needs: Needs = Needs()
-    #: the smallest batch (per process) the method can pair: i with B-1-i needs an even B >= 2
-    min_batch: ClassVar[int] = 2
 
     def __init__(self, num_classes: int, smoothing: float = 0.1, variant: str = "official",
                  mix_prob: float = 1.0) -> None:

@@ -168,8 +168,8 @@ def test_transmix_ratios_hand_computed():
 
 def test_transmix_ratios_match_the_target_the_method_trains_on(vit_cpu_gray):
     """The analysis' official / paper own shares are the ones inside TransMix's training target
-    (the method's forward through the engine's TrainForward, with whatever it captures)."""
-    from tokenmix.engine import TrainForward
+    (the method's forward through forward_outputs, with whatever it captures)."""
+    from tokenmix.methods import forward_outputs
     grid = TokenGrid.from_model(vit_cpu_gray)
     x, y = torch.randn(6, 1, 16, 16), torch.randint(0, 10, (6,))
     for variant in ("official", "paper"):
@@ -177,12 +177,13 @@ def test_transmix_ratios_match_the_target_the_method_trains_on(vit_cpu_gray):
         tm.prepare_model(vit_cpu_gray)
         mixed = tm.mix(x, y)
         with torch.no_grad():
-            outputs = ModelOutputs(**TrainForward(vit_cpu_gray, tm.needs)(mixed.x))
+            outputs = forward_outputs(vit_cpu_gray, tm.needs, mixed.x)
             tm.loss(outputs, mixed)
+            label_target = tm.label(outputs, mixed)[0]
             with AttentionCapture(vit_cpu_gray, [-1], reduce="cls") as cap:
                 vit_cpu_gray(mixed.x)
         r = A.transmix_ratios(mixed, cap[-1], grid, num_classes=10)
-        torch.testing.assert_close(mixed.target, mix_targets(mixed.y, mixed.y_partner, r[variant], 10, 0.1),
+        torch.testing.assert_close(label_target, mix_targets(mixed.y, mixed.y_partner, r[variant], 10, 0.1),
                                    atol=1e-5, rtol=0)
 
 

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from tokenmix import methods
-from tokenmix.engine import TrainForward
+from tokenmix.methods import forward_outputs
 from tokenmix.methods import ModelOutputs
 from tokenmix.methods.tlalign import propagate_kdim
 from tokenmix.models import (TINY_CONFIGS, AttentionCapture, Backbone, align_labels, create_model,
@@ -225,7 +225,7 @@ def fake_teacher(num_images=16, k=3, h=8):
 
 
 def make_method(name, fam):
-    kw = {"tokenmixup": dict(tau=100.0, mode="hvtm", horizontal_layer=1, vertical_layer=1),
+    kw = {"tokenmixup": dict(tau=100.0, tokenmixup_mode="hvtm", horizontal_layer=1, vertical_layer=1),
           "smmix": dict(switch_prob=1.0), "tokenmix": dict(switch_prob=1.0),
           "transmix": dict(switch_prob=1.0), "tl_align": {}}.get(name, {})
     m = methods.get(name, num_classes=10, **kw)
@@ -253,10 +253,11 @@ def test_method_backbone_matrix(name, fam):
         mixed = method.mix(x, y, meta=meta)
     else:
         mixed = method.mix(x, y)
-    fwd = TrainForward(model, method.needs).train()
-    loss, info = method.loss(ModelOutputs(**fwd(mixed.x)), mixed)
+    model.train()
+    loss, info = method.loss(forward_outputs(model, method.needs, mixed.x), mixed)
+    label_target = method.label(forward_outputs(model, method.needs, mixed.x), mixed)[0]
     assert torch.isfinite(loss), (name, fam, loss)
-    t = mixed.target
+    t = label_target
     assert t.shape == (b, 10) and torch.isfinite(t).all()
     if getattr(method, "loss_kind", "ce") == "bce":
         # TokenMix's released BCE target (documented in tokenmix.methods.tokenmix.official_target):

@@ -142,9 +142,9 @@ def test_suite_targets_and_report(tmp_path):
 
 def test_run_suite_tiny(tmp_path):
     st = BenchSetting("tiny", "tiny_deit", 32, 3, 10, 8, 1, 2)
-    suite = run_suite((st,), ("cutmix", "tokenmix", "tokenmixup:mode=htm"), data_dir=tmp_path, saliency_repeats=1,
+    suite = run_suite((st,), ("cutmix", "tokenmix", "tokenmixup:tokenmixup_mode=htm"), data_dir=tmp_path, saliency_repeats=1,
                       log=lambda m: None)
-    assert [r["method"] for r in suite.table()] == ["cutmix", "tokenmix", "tokenmixup:mode=htm"]
+    assert [r["method"] for r in suite.table()] == ["cutmix", "tokenmix", "tokenmixup:tokenmixup_mode=htm"]
     assert suite.maps_note["tiny"].startswith("random maps")  # no cache in tmp_path
     assert set(suite.saliency) == {"gradient", "attention", "attention_with_forward", "random"}
     assert all(math.isfinite(r["peak_mb"]) and r["peak_mb"] > 0 for r in suite.table())

@@ -116,6 +116,6 @@ def test_parser_rejects_bad_values(argv, capsys):
 
 
 def test_config_error_in_process(capsys, tmp_path):
-    assert main(["train", "--batch_size", "3", "--out_dir", str(tmp_path / "r")]) == 2
+    assert main(["train", "--batch_size", "0", "--out_dir", str(tmp_path / "r")]) == 2
     assert "batch_size" in capsys.readouterr().err
     assert not (tmp_path / "r").exists()

@@ -129,7 +129,8 @@ def test_sigkill_then_resume_equals_uninterrupted(tmp_path, uninterrupted, momen
 
 def nan_from(monkeypatch, step: int, method: str | None = None) -> None:
     """Make the loss of every method built by the engine (or of ``method`` only) NaN from its
-    ``step``-th call on (the preflight's dry step is a separate method object)."""
+    ``step``-th training step on (the run's one method object also runs the preflight's dry step,
+    which is call 1 and is not counted)."""
     import tokenmix.engine as E
     build = E.build_method
 
@@ -141,7 +142,7 @@ def nan_from(monkeypatch, step: int, method: str | None = None) -> None:
             def nan_loss(*a, **kw):
                 calls[0] += 1
                 value, info = loss(*a, **kw)
-                return (value * float("nan") if calls[0] >= step else value), info
+                return (value * float("nan") if calls[0] - 1 >= step else value), info
             m.loss = nan_loss
         return m
     monkeypatch.setattr(E, "build_method", build_nan)
@@ -185,7 +186,7 @@ def test_sweep_goes_on_after_a_non_finite_run(tmp_path, monkeypatch):
     ({"method": "transmix", "variant": "v2"}, r"unknown variant 'v2'; valid: official, paper"),
     ({"img_size": 30}, r"img_size 30 is not divisible by the patch size 4.*valid nearby sizes: .*28, 32"),
     ({"method": "smmix", "method_kwargs": {"placement": "x"}}, r"placement 'x'.*valid"),
-    ({"batch_size": 7}, r"batch_size = 7 is invalid: must be even"),
+    ({"batch_size": 0}, r"batch_size = 0 is invalid: must be >= 1"),
 ])
 def test_bad_config_values(tmp_path, fields, match):
     with pytest.raises(ConfigError, match=match):
@@ -208,15 +209,14 @@ def test_method_model_mismatch_fails_before_any_work(tmp_path, fields, match):
     assert not (tmp_path / "bad").exists()
 
 
-def test_batch_too_small_for_pairing_lists_valid_sizes():
+def test_batch_split_over_processes_lists_valid_sizes():
     assert check_batch(32, 2) == 16
-    with pytest.raises(ConfigError, match=r"batch_size 6 over 2 process\(es\) gives 3 images per process.*"
-                                          r"valid global batch sizes: 4, 8, 12, 16"):
-        check_batch(6, 2)
-    with pytest.raises(ConfigError, match=r"gives 1 images per process.*at least 2; valid global batch sizes: 4, 8"):
-        check_batch(2, 2)
-    with pytest.raises(ConfigError, match=r"batch_size 30 over 4 process\(es\) gives 7.5 images.*8, 16, 24, 32"):
+    assert check_batch(7, 1) == 7  # an odd batch mixes (its unpaired sample stays unmixed)
+    assert check_batch(6, 2) == 3
+    with pytest.raises(ConfigError, match=r"batch_size 30 over 4 process\(es\) gives 7.5 images.*4, 8, 16, 32"):
         check_batch(30, 4)
+    with pytest.raises(ConfigError, match=r"batch_size 1 over 2 process\(es\) gives 0.5 images"):
+        check_batch(1, 2)
 
 
 def test_teacher_cache_missing_or_stale_fails_before_any_work(tmp_path, teacher_cache):

@@ -114,10 +114,16 @@ def test_flip_pairing_is_a_fixed_point_free_involution(b):
     assert not torch.any(idx == torch.arange(b))
 
 
-@pytest.mark.parametrize("b", [0, 1, 3, 7])
-def test_flip_pairing_rejects_odd_or_tiny_batches(b):
-    with pytest.raises(ValueError, match=rf"even.*got {b}\b"):
-        flip_pairing(b)
+@pytest.mark.parametrize("b", [1, 3, 7])
+def test_flip_pairing_of_an_odd_batch_pairs_the_middle_sample_with_itself(b):
+    idx = flip_pairing(b)
+    assert idx.tolist() == list(range(b - 1, -1, -1)) and int(idx[b // 2]) == b // 2
+    assert [i for i in range(b) if idx[i] == i] == [b // 2]
+
+
+def test_flip_pairing_rejects_an_empty_batch():
+    with pytest.raises(ValueError, match="empty batch"):
+        flip_pairing(0)
 
 
 def test_token_grid_from_model(vit_cpu_gray):
@@ -374,12 +380,20 @@ def test_prepare_model_reads_the_grid_and_checks_the_input_size(name, vit_cpu_gr
 
 
 @pytest.mark.parametrize("name", ["mixup", "cutmix", "mixup_cutmix"])
-def test_mixing_an_odd_batch_raises(name):
+def test_an_odd_batch_mixes_every_pair_and_leaves_the_middle_sample_alone(name):
     grid = GRIDS[0]
-    m = build(name, grid)
-    x, y = batch(grid, b=3)
-    with pytest.raises(ValueError, match=r"got 3"):
-        m.mix(x, y)
+    m = build(name, grid, smoothing=0.1)
+    torch.manual_seed(3)
+    x, y = batch(grid, b=5)
+    mb = m.mix(x, y)
+    assert torch.equal(mb.x[2], x[2]) and torch.equal(mb.target[2], hand_one_hot(y[2:3], 10, 0.1)[0])
+    assert float(mb.lam_area[2]) == 1.0 and float(mb.partner_mask[2].abs().sum()) == 0.0
+    # the pairs (0, 4) and (1, 3) are mixed exactly as in the even batch made of them
+    torch.manual_seed(3)
+    batch(grid, b=5)
+    even = m.mix(x[[0, 1, 3, 4]], y[[0, 1, 3, 4]])
+    torch.testing.assert_close(mb.x[[0, 1, 3, 4]], even.x)
+    torch.testing.assert_close(mb.target[[0, 1, 3, 4]], even.target)
 
 
 def test_loss_is_soft_target_ce_of_the_target():

@@ -4,6 +4,7 @@ from __future__ import annotations
 import math
 
 import pytest
+import timm
 import torch
 
 from tokenmix import RunConfig, methods
@@ -76,6 +77,36 @@ def test_region_mean_and_fine_loss_by_hand():
     # CE(own, 0) = log(1 + e^-2); CE(pasted, 0) = log(1 + e^1)
     expect = 0.5 * (math.log(1 + math.exp(-2)) + math.log(1 + math.exp(1)))
     assert fine_loss(own, pasted, y, yp).item() == pytest.approx(expect, rel=1e-6)
+
+
+def test_fine_loss_uses_smoothed_targets():
+    # K = 2, smoothing 0.1: target (0.95, 0.05); with logits (2, 0) the soft CE is
+    # 0.95 log(1 + e^-2) + 0.05 log(1 + e^2) = log(1 + e^-2) + 0.05 * 2, i.e. hard CE + 0.1
+    own = pasted = torch.tensor([[2.0, 0.0]])
+    y = torch.tensor([0])
+    hard = math.log(1 + math.exp(-2))
+    assert fine_loss(own, pasted, y, y, smoothing=0.1).item() == pytest.approx(hard + 0.1, rel=1e-6)
+    assert fine_loss(own, pasted, y, y, smoothing=0.0).item() == pytest.approx(hard, rel=1e-6)
+
+
+def test_smmix_loss_passes_its_smoothing_to_fine_loss():
+    torch.manual_seed(0)
+    model = timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=10, img_size=32, patch_size=8,
+                              embed_dim=32, depth=2, num_heads=2)
+    terms = {}
+    for s in (0.0, 0.1):
+        m = methods.get("smmix", num_classes=10, smoothing=s, switch_prob=1.0, w_cls=0.0, w_con=0.0)
+        net = m.prepare_model(model)
+        torch.manual_seed(1)
+        x, y = torch.randn(4, 3, 32, 32), torch.randint(0, 10, (4,))
+        mixed = m.mix(x, y)
+        tokens = net.forward_features(mixed.x)
+        out = ModelOutputs(logits=net.forward_head(tokens), tokens=tokens)
+        regions = m.forward_extras(tokens, mixed)["smmix_region_logits"]
+        terms[s] = (m.loss(out, mixed)[0].item(), fine_loss(*regions, mixed.y, mixed.y_partner, s).item())
+    for s, (total, expect) in terms.items():
+        assert total == pytest.approx(expect, rel=1e-6)
+    assert terms[0.0][0] != pytest.approx(terms[0.1][0])
 
 
 def test_consistency_loss_by_hand():

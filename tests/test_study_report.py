@@ -82,7 +82,7 @@ def test_paper_results_use_our_names(papers):
     ("TokenMix Table 1", "deit_base_patch16_224", "tokenmix", 82.9),
     ("TokenMix Table 1", "cait_xxs24_224", "tokenmix", 78.0),
     ("TransMix suppl. Table 2", "deit_small_patch16_224", "transmix", 80.7),
-    ("TokenMixup Table 1", "cct_7_3x1", "tokenmixup{mode=htm}", 83.56),
+    ("TokenMixup Table 1", "cct_7_3x1", "tokenmixup{tokenmixup_mode=htm}", 83.56),
 ])
 def test_spot_checks_against_the_paper_texts(papers, source, model, method, top1):
     sel = papers[(papers.source == source) & (papers.model == model) & (papers.method == method)]
@@ -92,7 +92,7 @@ def test_spot_checks_against_the_paper_texts(papers, source, model, method, top1
 def test_parse_label():
     assert parse_label("cutmix") == ("cutmix", None, {})
     assert parse_label("tl_align[paper]") == ("tl_align", "paper", {})
-    assert parse_label("tokenmixup[paper]{mode=vtm,tau=0.5}") == ("tokenmixup", "paper", {"mode": "vtm", "tau": "0.5"})
+    assert parse_label("tokenmixup[paper]{tokenmixup_mode=vtm,tau=0.5}") == ("tokenmixup", "paper", {"tokenmixup_mode": "vtm", "tau": "0.5"})
     for bad in ("", "cut mix", "cutmix{mode}", "x[paper"):
         with pytest.raises(ValueError):
             parse_label(bad)
@@ -103,8 +103,8 @@ def test_parse_label():
 
 def test_results_with_paper_matches_dataset_model_and_method(papers):
     ours = pd.DataFrame({
-        "method": ["transmix", "tl_align", "tl_align[paper]", "tokenmixup[paper]{mode=htm}", "tokenmixup[paper]",
-                   "tokenmixup[paper]{mode=vtm}", "cutmix", "transmix", "smmix"],
+        "method": ["transmix", "tl_align", "tl_align[paper]", "tokenmixup[paper]{tokenmixup_mode=htm}", "tokenmixup[paper]",
+                   "tokenmixup[paper]{tokenmixup_mode=vtm}", "cutmix", "transmix", "smmix"],
         "model": ["deit_small_patch16_224", "deit_small_patch16_224", "deit_small_patch16_224", "cct_7_3x1",
                   "cct_7_3x1", "cct_7_3x1", "vit_cpu", "vit_cpu", "deit_small_patch16_224"],
         "dataset": ["imagenet", "imagenet", "imagenet", "cifar100", "cifar100", "cifar100", "fashion_mnist",
@@ -118,7 +118,7 @@ def test_results_with_paper_matches_dataset_model_and_method(papers):
     assert out.loc[0, PAPER_TOP1] == 80.7 and out.loc[0, PAPER_SOURCE] == "TransMix suppl. Table 2"
     assert out.loc[1, PAPER_TOP1] == 80.6 and out.loc[1, PAPER_SOURCE] == "TL-Align Table 1"
     assert out.loc[2, PAPER_TOP1] == 80.2 and out.loc[2, PAPER_SOURCE] == "TL-Align Table 7"  # exact variant
-    # mode=htm is TokenMixup's default: with or without it in the label, the HTM number
+    # tokenmixup_mode=htm is TokenMixup's default: with or without it in the label, the HTM number
     assert out.loc[3, PAPER_TOP1] == out.loc[4, PAPER_TOP1] == 83.56
     assert out.loc[5, PAPER_TOP1] == 83.54
     # the CPU study matches nothing; nor does a dataset/model pair no paper reports for that method
@@ -173,7 +173,7 @@ def runs_dir(tmp_path):
     for s in (0, 1):
         fake_run(root, f"cutmix-s{s}", "cutmix", s, final=80.0 + 2 * s, tpe=10.0)
         fake_run(root, f"transmix-s{s}", "transmix", s, final=81.0 + 2 * s, tpe=12.0)
-        fake_run(root, f"tmu-vtm-s{s}", "tokenmixup", s, final=79.0, tpe=15.0, method_kwargs={"mode": "vtm"},
+        fake_run(root, f"tmu-vtm-s{s}", "tokenmixup", s, final=79.0, tpe=15.0, method_kwargs={"tokenmixup_mode": "vtm"},
                  variant="paper")
     fake_run(root, "syn-mixup-s0", "mixup", 0, final=50.0, dataset="synthetic")  # no CutMix there: left out
     return root
@@ -185,11 +185,11 @@ def test_plot_accuracy_vs_time_one_point_per_method(runs_dir):
     ax = fig.axes[0]
     assert len(ax.containers) == 3
     labels = sorted(c.get_label() for c in ax.containers)
-    assert labels == ["cutmix", "tokenmixup[paper]{mode=vtm}", "transmix"]
+    assert labels == ["cutmix", "tokenmixup[paper]{tokenmixup_mode=vtm}", "transmix"]
     points = {c.get_label(): tuple(np.asarray(c.lines[0].get_xydata())[0]) for c in ax.containers}
     assert points["cutmix"] == pytest.approx((1.0, 81.0))
     assert points["transmix"] == pytest.approx((1.2, 82.0))
-    assert points["tokenmixup[paper]{mode=vtm}"] == pytest.approx((1.5, 79.0))
+    assert points["tokenmixup[paper]{tokenmixup_mode=vtm}"] == pytest.approx((1.5, 79.0))
     # error bars: the sample std over the two seeds (sqrt(2) for cutmix)
     cut = next(c for c in ax.containers if c.get_label() == "cutmix")
     seg = cut.lines[2][0].get_segments()[0]
@@ -205,8 +205,8 @@ def test_plot_accuracy_vs_time_needs_cutmix(runs_dir):
 # ---------------------------------------------------------------------------------------------
 # gallery and the report files
 
-ALL_METHODS = ("none", "mixup", "cutmix", "mixup_cutmix", "transmix", "tokenmix", "tokenmixup{mode=htm}",
-               "tokenmixup{mode=vtm}", "smmix", "tl_align", "tl_align[paper]")
+ALL_METHODS = ("none", "mixup", "cutmix", "mixup_cutmix", "transmix", "tokenmix", "tokenmixup{tokenmixup_mode=htm}",
+               "tokenmixup{tokenmixup_mode=vtm}", "smmix", "tl_align", "tl_align[paper]")
 
 
 def test_plot_gallery_runs_for_every_method():

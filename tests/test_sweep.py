@@ -24,13 +24,13 @@ def write_grid(tmp_path, methods, base=None, axes=None, name="g"):
 
 def test_grid_product_and_run_ids(tmp_path):
     g = load_grid(write_grid(tmp_path, [{"method": "cutmix"}, {"method": "tokenmixup", "label": "tmu_vtm",
-                                                                 "method_kwargs": {"mode": "vtm"}}],
+                                                                 "method_kwargs": {"tokenmixup_mode": "vtm"}}],
                              axes={"seed": [0, 1], "model": ["tiny_deit", "tiny_cait"]}))
     assert len(g.cells) == 8 and g.out_dir == str(tmp_path / "runs")
     ids = [c.run_id for c in g.cells]
     assert "synthetic-tiny_cait-tmu_vtm-s1" in ids and "synthetic-tiny_deit-cutmix-s0" in ids
     assert all(c.config.resume for c in g.cells)
-    assert g.cells[-1].config.method_kwargs == {"mode": "vtm"}
+    assert g.cells[-1].config.method_kwargs == {"tokenmixup_mode": "vtm"}
 
 
 @pytest.mark.parametrize("methods, base, match", [

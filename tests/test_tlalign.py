@@ -15,7 +15,8 @@ import torch
 from helpers import make_method
 from tokenmix import methods
 from tokenmix.config import ConfigError, RunConfig
-from tokenmix.engine import TrainForward, build_method, train
+from tokenmix.engine import build_method, train
+from tokenmix.methods import forward_outputs
 from tokenmix.methods.base import MixedBatch, ModelOutputs, TokenGrid, mix_targets, one_hot
 from tokenmix.methods.tlalign import (TLAlign, final_label, initial_own_share, propagate_kdim,
                                       propagate_scalar)
@@ -198,7 +199,8 @@ def test_hand_computed_two_tokens():
             logits = torch.randn(1, K)
             mixed = hand_batch(grid, [[1.0]], 0.7, [3], [7])
             loss, info = m.loss(ModelOutputs(logits=logits, qk=[qk1] * layers), mixed)
-            torch.testing.assert_close(mixed.target, expected)
+            label_target = m.label(ModelOutputs(logits=logits, qk=[qk1] * layers), mixed)[0]
+            torch.testing.assert_close(label_target, expected)
             torch.testing.assert_close(loss, torch.nn.functional.cross_entropy(logits, expected))
             assert info["lam_aligned"] == pytest.approx(beta_cls, abs=1e-6) and info["lam"] == pytest.approx(0.7)
 
@@ -304,7 +306,8 @@ def test_paper_composes_with_the_switch_and_keeps_mixup_targets():
         torch.testing.assert_close(mixed.target, area)
         logits = torch.randn(6, K)
         loss, info = m.loss(ModelOutputs(logits=logits), mixed)  # no q, k needed
-        torch.testing.assert_close(mixed.target, area)
+        label_target = m.label(ModelOutputs(logits=logits), mixed)[0]
+        torch.testing.assert_close(label_target, area)
         torch.testing.assert_close(loss, torch.nn.functional.cross_entropy(logits, area))
         assert info["lam_aligned"] == pytest.approx(lam)
         # and the propagation itself is the identity on a Mixup batch (every row is the mixed label)
@@ -341,10 +344,11 @@ def test_no_gradient_flows_into_the_target(path):
     qk = [(q.requires_grad_(), k.requires_grad_(), s) for q, k, s in random_qk(4, 2, 17, layers=2)]
     logits = torch.randn(4, K, requires_grad=True)
     loss, _ = m.loss(ModelOutputs(logits=logits, qk=[(q * 1.0, k * 1.0, s) for q, k, s in qk]), mixed)
-    assert not mixed.target.requires_grad
+    label_target = m.label(ModelOutputs(logits=logits, qk=[(q * 1.0, k * 1.0, s) for q, k, s in qk]), mixed)[0]
+    assert not label_target.requires_grad
     grads = torch.autograd.grad(loss, [logits] + [t for q, k, _ in qk for t in (q, k)], allow_unused=True)
     assert all(g is None for g in grads[1:])
-    torch.testing.assert_close(grads[0], (logits.softmax(1) - mixed.target).detach() / 4)
+    torch.testing.assert_close(grads[0], (logits.softmax(1) - label_target).detach() / 4)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -376,7 +380,7 @@ def test_real_model_paths_agree_and_match_an_independent_reference(request, name
     mixed = ms["scalar"].mix(x, torch.arange(4))
     assert mixed.kind == "cutmix"
     with torch.no_grad():
-        out = ModelOutputs(**TrainForward(model, ms["scalar"].needs)(mixed.x))
+        out = forward_outputs(model, ms["scalar"].needs, mixed.x)
     t_scalar, b_scalar = ms["scalar"].aligned_target(mixed, ms["scalar"].attention_inputs(out))
     t_kdim, b_kdim = ms["kdim"].aligned_target(mixed, ms["kdim"].attention_inputs(out))
     torch.testing.assert_close(t_scalar, t_kdim, atol=1e-5, rtol=0)
@@ -394,14 +398,15 @@ def test_trains_one_step_through_train_forward():
     model = create_model("vit_cpu", 10, 16, 1)
     m = make("official")
     model = m.prepare_model(model)
-    net = TrainForward(model, m.needs).train()
+    model.train()
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     mixed = m.mix(torch.randn(8, 1, 16, 16), torch.arange(8))
-    out = ModelOutputs(**net(mixed.x))
+    out = forward_outputs(model, m.needs, mixed.x)
     maps = m.attention_inputs(out)  # source "auto" on CPU: the maps of the (unfused) forward
     assert len(maps) == 4 and all(a.shape == (8, 17, 17) and not a.requires_grad for a in maps)
     loss, info = m.loss(out, mixed)
-    assert not mixed.target.requires_grad and math.isfinite(float(loss.detach()))
+    label_target = m.label(out, mixed)[0]
+    assert not label_target.requires_grad and math.isfinite(float(loss.detach()))
     assert 0.0 <= info["lam_aligned"] <= 1.0
     before = [p.detach().clone() for p in model.parameters()]
     opt.zero_grad()
@@ -520,7 +525,7 @@ def test_attention_sources_maps_and_qk_agree(path, deit_tiny_32):
     targets = {}
     with torch.no_grad():
         for src, m in ms.items():
-            out = ModelOutputs(**TrainForward(deit_tiny_32, m.needs)(mixed.x))
+            out = forward_outputs(deit_tiny_32, m.needs, mixed.x)
             targets[src] = m.aligned_target(mixed, m.attention_inputs(out))[0]
     torch.testing.assert_close(targets["maps"], targets["qk"], atol=1e-5, rtol=0)
     assert all(a.fused_attn for a in attention_modules(deit_tiny_32))  # captures restored the model

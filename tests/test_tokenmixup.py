@@ -489,10 +489,17 @@ from tokenmix.methods.tokenmixup import TokenMixup, VerticalAttention  # noqa: E
 from tokenmix.models import create_model  # noqa: E402
 
 
+def forward_in_context(model, method, mixed):
+    """The model's forward on ``mixed.x`` inside the method's forward context -> (logits, extras)."""
+    with method.forward_context(mixed) as extras:
+        logits = model(mixed.x)
+    return logits, extras
+
+
 def _model_and_method(mode: str, **kw):
     torch.manual_seed(0)
     base = create_model("vit_cpu", 10, 16, 1)  # 4x4 tokens + CLS, 4 blocks
-    method = methods.get("tokenmixup", num_classes=10, mode=mode, input_mix="none", **kw)
+    method = methods.get("tokenmixup", num_classes=10, tokenmixup_mode=mode, input_mix="none", **kw)
     model = method.prepare_model(copy.deepcopy(base))
     return base, model, method
 
@@ -524,10 +531,10 @@ def test_htm_with_no_easy_sample_changes_nothing_but_adds_the_scorenet_loss():
     x, y = torch.randn(6, 1, 16, 16), torch.randint(0, 10, (6,))
     base.train(), model.train()
     mixed = method.mix(x, y)
-    logits = model(mixed.x)
+    logits, extras = forward_in_context(model, method, mixed)
     torch.testing.assert_close(logits, base(x))  # no dropout / drop path in the preset
-    state = dict(method._state)
-    loss, info = method.loss(ModelOutputs(logits=logits), mixed)
+    state = extras["htm"]
+    loss, info = method.loss(ModelOutputs(logits=logits, extras=extras), mixed)
     assert info["n_mixed"] == 0
     expect = soft_target_cross_entropy(logits, mixed.target) + 0.001 * soft_target_cross_entropy(
         state["scorenet_logits"], state["target_pre"])
@@ -539,14 +546,17 @@ def test_htm_mixes_easy_samples_and_relabels_them():
     x, y = torch.randn(6, 1, 16, 16), torch.arange(6)
     model.train()
     mixed = method.mix(x, y)
-    logits = model(mixed.x)
-    state = method._state
+    logits, extras = forward_in_context(model, method, mixed)
+    state = extras["htm"]
     info = state["info"]
     assert info["n_mixed"] == 6 and info["tokens_replaced"] > 0
     partners = info["partners"]
     assert not torch.equal(state["target"], mixed.target)  # relabelled
     torch.testing.assert_close(state["target"].sum(1), torch.ones(6))
-    loss, info2 = method.loss(ModelOutputs(logits=logits), mixed)
+    before = {k: v.clone() for k, v in vars(mixed).items() if isinstance(v, torch.Tensor)}
+    loss, info2 = method.loss(ModelOutputs(logits=logits, extras=extras), mixed)
+    assert all(torch.equal(getattr(mixed, k), v) for k, v in before.items())  # loss changes no input
+    torch.testing.assert_close(method.label(ModelOutputs(logits=logits, extras=extras), mixed)[0], state["target"])
     assert info2["n_mixed"] == 6 and loss.requires_grad
     loss.backward()
     assert model.tokenmixup_scorenet.head.weight.grad is not None
@@ -560,8 +570,8 @@ def test_htm_block_input_is_the_partner_token_where_masked():
     before, after = {}, {}
     model.blocks[1].register_forward_hook(lambda m, a, out: before.__setitem__("x", out))  # block 2's raw input
     model.blocks[2].register_forward_pre_hook(lambda m, a: after.__setitem__("x", a[0]))  # after HTM's hook
-    model(method.mix(x, y).x)
-    info = method._state["info"]
+    _, extras = forward_in_context(model, method, method.mix(x, y))
+    info = extras["htm"]["info"]
     raw, mixed = before["x"], after["x"]
     assert torch.equal(mixed[:, 0], raw[:, 0])  # CLS never mixed
     for i in range(4):
@@ -575,8 +585,10 @@ def test_vtm_changes_the_training_forward_and_stores_kappa_tokens_per_earlier_la
     base, model, method = _model_and_method("vtm", vertical_layer=3, kappa=2)
     x, y = torch.randn(4, 1, 16, 16), torch.arange(4)
     base.train(), model.train()
-    out = model(method.mix(x, y).x)
-    assert len(method._store) == 3 and all(t.shape == (4, 2, 96) for t in method._store)
+    out, extras = forward_in_context(model, method, method.mix(x, y))
+    store = extras["vtm_store"]
+    assert len(store) == 3 and all(t.shape == (4, 2, 96) for t in store)
+    assert method._active is None  # nothing of the batch is kept on the method
     assert out.shape == (4, 10) and not torch.allclose(out, base(x))
     # the stored tokens carry gradient to the earlier layers (not detached)
     out.sum().backward()
@@ -587,10 +599,10 @@ def test_bad_layers_and_choices_raise():
     with pytest.raises(ValueError, match="valid: 0..3"):
         methods.get("tokenmixup", num_classes=10, horizontal_layer=4).prepare_model(create_model("vit_cpu", 10, 16, 1))
     with pytest.raises(ValueError, match="vertical_layer 0"):
-        methods.get("tokenmixup", num_classes=10, mode="vtm", vertical_layer=0).prepare_model(
+        methods.get("tokenmixup", num_classes=10, tokenmixup_mode="vtm", vertical_layer=0).prepare_model(
             create_model("vit_cpu", 10, 16, 1))
     with pytest.raises(ValueError, match="valid: htm, vtm, hvtm"):
-        methods.get("tokenmixup", num_classes=10, mode="both")
+        methods.get("tokenmixup", num_classes=10, tokenmixup_mode="both")
 
 
 @pytest.mark.parametrize("gate, expect", [("official", 6), ("paper", 0)])
@@ -599,8 +611,8 @@ def test_difficulty_gate(gate, expect):
     _, model, method = _model_and_method("htm", tau=0.5, gate=gate)
     x, y = torch.randn(6, 1, 16, 16), torch.arange(6)
     model.train()
-    model(method.mix(x, y).x)
-    assert method._state["info"]["n_mixed"] == expect
+    _, extras = forward_in_context(model, method, method.mix(x, y))
+    assert extras["htm"]["info"]["n_mixed"] == expect
 
 
 def test_default_variant_is_paper():
@@ -611,22 +623,22 @@ def test_default_variant_is_paper():
 def test_works_on_timm_deit_with_a_cls_token(deit_tiny_32):
     """HTM + VTM on timm's DeiT-Tiny (CLS token: CLS-row saliency, CLS never mixed); eval unaffected."""
     base = copy.deepcopy(deit_tiny_32)
-    method = methods.get("tokenmixup", num_classes=10, mode="hvtm", tau=1e9, rho=0.0, horizontal_layer=3,
+    method = methods.get("tokenmixup", num_classes=10, tokenmixup_mode="hvtm", tau=1e9, rho=0.0, horizontal_layer=3,
                          vertical_layer=5, input_mix="none")
     model = method.prepare_model(copy.deepcopy(base))
     x, y = torch.randn(4, 3, 32, 32), torch.arange(4)
     model.eval(), base.eval()
     torch.testing.assert_close(model(x), base(x))
     model.train()
-    logits = model(method.mix(x, y).x)
-    assert logits.shape == (4, 10) and len(method._store) == 5
-    assert method._state["info"]["n_mixed"] == 4 and method._state["info"]["mask"].shape == (4, 64)
+    logits, extras = forward_in_context(model, method, method.mix(x, y))
+    assert logits.shape == (4, 10) and len(extras["vtm_store"]) == 5
+    assert extras["htm"]["info"]["n_mixed"] == 4 and extras["htm"]["info"]["mask"].shape == (4, 64)
 
 
 @pytest.mark.parametrize("mode", ["htm", "vtm", "hvtm"])
 def test_engine_trains_every_mode(tmp_path, mode):
     from tokenmix.engine import train
-    s = train(RunConfig(method="tokenmixup", method_kwargs={"mode": mode}, dataset="synthetic", img_size=32,
+    s = train(RunConfig(method="tokenmixup", method_kwargs={"tokenmixup_mode": mode}, dataset="synthetic", img_size=32,
                         train_subset=64, test_subset=32, epochs=1, batch_size=16, warmup_epochs=0.0,
                         out_dir=str(tmp_path), run_id=mode, progress=False))
     assert s["status"] == "complete"
@@ -637,7 +649,7 @@ def test_engine_trains_every_mode(tmp_path, mode):
 def test_cli_trains_cct_and_the_vit_preset_on_fashion_mnist(tmp_path, model):
     """`python -m tokenmix train --method tokenmixup` (HTM + VTM) on CCT-7/3x1 and the CPU ViT."""
     from tokenmix.__main__ import main
-    rc = main(["train", "--method", "tokenmixup", "--model", model, "--method_kwargs", '{"mode": "hvtm"}',
+    rc = main(["train", "--method", "tokenmixup", "--model", model, "--method_kwargs", '{"tokenmixup_mode": "hvtm"}',
                "--train_subset", "64", "--test_subset", "32", "--epochs", "1", "--batch_size", "32",
                "--warmup_epochs", "0", "--out_dir", str(tmp_path), "--run_id", "r", "--progress", "false"])
     assert rc == 0
@@ -700,9 +712,9 @@ def test_cross_attention_equals_talking_heads_self_attention(train):
 
 
 def test_tokenmixup_hvtm_trains_on_cait():
-    from tokenmix.engine import TrainForward
+    from tokenmix.methods import MixStep
     base = _tiny_cait()
-    method = methods.get("tokenmixup", num_classes=10, mode="hvtm", tau=100.0, horizontal_layer=1,
+    method = methods.get("tokenmixup", num_classes=10, tokenmixup_mode="hvtm", tau=100.0, horizontal_layer=1,
                          vertical_layer=2, kappa=2)
     model = method.prepare_model(copy.deepcopy(base))
     assert method.num_prefix_tokens == 0  # CaiT's self-attention blocks carry no CLS token
@@ -711,11 +723,9 @@ def test_tokenmixup_hvtm_trains_on_cait():
     torch.manual_seed(1)
     x, y = torch.randn(6, 3, 32, 32), torch.arange(6)
     model.train()
-    mixed = method.mix(x, y)
-    outputs = ModelOutputs(**TrainForward(model, method.needs)(mixed.x))
-    target = method._state["target"]
-    assert len(method._store) == 2 and all(t.shape == (6, 2, 48) for t in method._store)
-    loss, info = method.loss(outputs, mixed)
+    res = MixStep(model, method)(x, y)
+    target, store, loss, info = res.outputs.extras["htm"]["target"], res.outputs.extras["vtm_store"], res.loss, res.info
+    assert len(store) == 2 and all(t.shape == (6, 2, 48) for t in store)
     assert torch.isfinite(loss) and info["n_mixed"] > 0
     torch.testing.assert_close(target.sum(1), torch.ones(6))
     loss.backward()

@@ -15,7 +15,8 @@ import torch.nn.functional as F
 from helpers import make_method
 from tokenmix import methods
 from tokenmix.config import RunConfig
-from tokenmix.engine import TrainForward, train
+from tokenmix.engine import train
+from tokenmix.methods import forward_outputs
 from tokenmix.methods.base import MixedBatch, ModelOutputs, TokenGrid, mix_targets, one_hot
 from tokenmix.methods.baselines import cutmix_batch
 from tokenmix.methods.transmix import TransMix, attention_partner_share, nearest_partner_mask
@@ -159,9 +160,10 @@ def test_official_lambda_is_mean_of_area_and_nearest_attention_share(grid):
         lam_attn = (attn * nearest).sum(1) / attn.sum(1)
         expected = 0.5 * (area_partner + lam_attn)
         _, info = m.loss(loss_outputs(b, attn), mixed)
-        torch.testing.assert_close(partner_share_of_target(mixed.target, y, mixed.y_partner), expected,
+        label_target = m.label(loss_outputs(b, attn), mixed)[0]
+        torch.testing.assert_close(partner_share_of_target(label_target, y, mixed.y_partner), expected,
                                    atol=1e-5, rtol=0)
-        torch.testing.assert_close(mixed.target, mix_targets(y, mixed.y_partner, 1 - expected, K, 0.1),
+        torch.testing.assert_close(label_target, mix_targets(y, mixed.y_partner, 1 - expected, K, 0.1),
                                    atol=1e-6, rtol=0)
         assert info["lam_transmix"] == pytest.approx(float(1 - expected.mean()), abs=1e-6)
 
@@ -192,10 +194,11 @@ def test_hand_computed_small_grid_both_variants():
     for method, lam_p in ((off, lam_off), (pap, lam_pap)):
         mb = hand_batch(grid, area, 0.5, [3], [7], box=box)
         loss, info = method.loss(loss_outputs(1, attn, logits), mb)
+        label_target = method.label(loss_outputs(1, attn, logits), mb)[0]
         expected = torch.full((1, K), 0.01)
         expected[0, 3] = (1 - lam_p) * 0.91 + lam_p * 0.01
         expected[0, 7] = (1 - lam_p) * 0.01 + lam_p * 0.91
-        torch.testing.assert_close(mb.target, expected)
+        torch.testing.assert_close(label_target, expected)
         torch.testing.assert_close(loss, F.cross_entropy(logits, expected))
         assert info["lam_transmix"] == pytest.approx(1 - lam_p, abs=1e-6)
         assert info["lam"] == pytest.approx(0.5)
@@ -261,7 +264,8 @@ def test_mixup_and_unmixed_batches_keep_area_target(variant):
             logits = torch.randn(8, K)
             # the attention is never read: empty captures would fail if it were
             loss, info = m.loss(ModelOutputs(logits=logits, attention={}), mixed)
-            assert torch.equal(mixed.target, before)
+            label_target = m.label(ModelOutputs(logits=logits, attention={}), mixed)[0]
+            assert torch.equal(label_target, before)
             torch.testing.assert_close(loss, F.cross_entropy(logits, area_target))
             assert info["lam_transmix"] == pytest.approx(float(lam.mean()))
 
@@ -295,7 +299,8 @@ def test_any_mask_without_box():
             m = make(variant, grid)
             mixed = hand_batch(grid, pm, lam_area, y, y.flip(0), box=None, kind="blocks")
             m.loss(loss_outputs(b, attn), mixed)
-            torch.testing.assert_close(partner_share_of_target(mixed.target, y, y.flip(0)), exp,
+            label_target = m.label(loss_outputs(b, attn), mixed)[0]
+            torch.testing.assert_close(partner_share_of_target(label_target, y, y.flip(0)), exp,
                                        atol=1e-5, rtol=0)
     # the binary mask needs no rounding: both rules then use the same attention share
     m_off, m_pap = make("official", grid), make("paper", grid)
@@ -316,7 +321,8 @@ def test_targets_are_distributions_between_the_two_labels(variant, snap):
         mixed = m.mix(torch.randn(b, 3, 28, 28), y)
         attn = torch.rand(b, grid.num_tokens) ** 4  # peaked
         m.loss(loss_outputs(b, attn), mixed)
-        t = mixed.target
+        label_target = m.label(loss_outputs(b, attn), mixed)[0]
+        t = label_target
         torch.testing.assert_close(t.sum(1), torch.ones(b))
         assert torch.all(t >= 0.01 - 1e-6) and torch.all(t <= 0.91 + 1e-6)
         lam_p = partner_share_of_target(t, y, mixed.y_partner)
@@ -338,11 +344,12 @@ def test_no_gradient_flows_into_the_target(variant):
     attn = (torch.rand(4, 16) + 0.05).requires_grad_()
     logits = torch.randn(4, K, requires_grad=True)
     loss, _ = m.loss(loss_outputs(4, attn, logits), mixed)  # the map and q, k both depend on attn
-    assert not mixed.target.requires_grad
+    label_target = m.label(loss_outputs(4, attn, logits), mixed)[0]
+    assert not label_target.requires_grad
     g_attn, g_logits = torch.autograd.grad(loss, [attn, logits], allow_unused=True)
     assert g_attn is None
     # the gradient of soft CE w.r.t. the logits with a constant target
-    torch.testing.assert_close(g_logits, (logits.softmax(1) - mixed.target).detach() / 4)
+    torch.testing.assert_close(g_logits, (logits.softmax(1) - label_target).detach() / 4)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -357,9 +364,9 @@ def test_prepare_model_reads_the_grid(vit_cpu_gray):
 
 
 def forward_and_expected(model, m: TransMix, x, y):
-    """One TrainForward pass with the method's needs, and the full last-block map (B, H, T, T)."""
+    """One forward_outputs pass with the method's needs, and the full last-block map (B, H, T, T)."""
     mixed = m.mix(x, y)
-    outputs = ModelOutputs(**TrainForward(model, m.needs)(mixed.x))
+    outputs = forward_outputs(model, m.needs, mixed.x)
     with torch.no_grad(), AttentionCapture(model, blocks=[-1], reduce="none") as cap:
         model(mixed.x)
     return mixed, outputs, cap[-1]
@@ -383,9 +390,10 @@ def test_cls_model_uses_last_block_cls_row():
     with torch.no_grad():
         mixed, out, full = forward_and_expected(model, m, torch.randn(4, 1, 16, 16), y)
     m.loss(out, mixed)
+    label_target = m.label(out, mixed)[0]
     cls_row = full[:, :, 0, 1:].mean(1)  # (B, 16): head mean, CLS query, patches only
     expected = (cls_row * mixed.partner_mask).sum(1) / cls_row.sum(1)
-    torch.testing.assert_close(partner_share_of_target(mixed.target, y, mixed.y_partner), expected,
+    torch.testing.assert_close(partner_share_of_target(label_target, y, mixed.y_partner), expected,
                                atol=1e-5, rtol=0)
     # and not the query mean (the two differ on a random model, so the test can tell them apart)
     qm = full[:, :, 1:, 1:].mean(dim=(1, 2))
@@ -400,23 +408,24 @@ def test_model_without_cls_trains_one_step_through_train_forward():
     model = m.prepare_model(model)
     if m.needs.attention_blocks:  # when the method asks for a captured map, it is the query mean
         assert m.needs.attention_reduce == "query_mean"
-    net = TrainForward(model, m.needs).train()
+    model.train()
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     y = torch.arange(8)
     mixed, outputs, full = forward_and_expected(model, m, torch.randn(8, 1, 28, 28), y)
     assert mixed.kind == "cutmix"
-    outputs = ModelOutputs(**net(mixed.x))
+    outputs = forward_outputs(model, m.needs, mixed.x)
     loss, info = m.loss(outputs, mixed)
+    label_target = m.label(outputs, mixed)[0]
     # query_mean: head- and query-mean of the attention received by each patch token
     qm = full.mean(dim=(1, 2))  # (B, 49), no prefix tokens
     box = mixed.extras["box"]
     nearest = torch.stack([brute_nearest(box, m.grid)] * 8)
     expected = 0.5 * ((1 - mixed.lam_area) + (qm * nearest).sum(1) / qm.sum(1))
-    torch.testing.assert_close(partner_share_of_target(mixed.target, y, mixed.y_partner), expected,
+    torch.testing.assert_close(partner_share_of_target(label_target, y, mixed.y_partner), expected,
                                atol=1e-5, rtol=0)
     uniform = 0.5 * ((1 - mixed.lam_area) + nearest.mean(1))  # what an ignored attention would give
     assert (uniform - expected).abs().max() > 1e-3
-    assert not mixed.target.requires_grad
+    assert not label_target.requires_grad
     assert math.isfinite(float(loss.detach())) and 0.0 <= info["lam_transmix"] <= 1.0
     before = [p.detach().clone() for p in model.parameters()]
     opt.zero_grad()

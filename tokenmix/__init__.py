@@ -4,8 +4,10 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
-from . import methods
+from . import data, methods
 from .config import ConfigError, RunConfig
+from .methods import MixStep, StepOutput
 from .models import AttentionCapture, create_model
 
-__all__ = ["AttentionCapture", "ConfigError", "RunConfig", "__version__", "create_model", "methods"]
+__all__ = ["AttentionCapture", "ConfigError", "MixStep", "RunConfig", "StepOutput", "__version__", "create_model",
+           "data", "methods"]

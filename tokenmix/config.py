@@ -150,8 +150,7 @@ class RunConfig:
         except (ValueError, TypeError) as e:
             raise ConfigError(f"method {self.method!r}: {e}") from None
         checks = [
-            ("epochs", self.epochs >= 1, ">= 1"), ("batch_size", self.batch_size >= 2 and self.batch_size % 2 == 0,
-                                                   "even and >= 2 (samples are mixed in pairs)"),
+            ("epochs", self.epochs >= 1, ">= 1"), ("batch_size", self.batch_size >= 1, ">= 1"),
             ("lr", self.lr > 0, "> 0"), ("min_lr", self.min_lr >= 0, ">= 0"),
             ("warmup_epochs", 0 <= self.warmup_epochs < self.epochs or self.warmup_epochs == 0, "in [0, epochs)"),
             ("weight_decay", self.weight_decay >= 0, ">= 0"), ("drop_path", 0 <= self.drop_path < 1, "in [0, 1)"),

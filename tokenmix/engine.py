@@ -5,12 +5,11 @@ Device-agnostic (CUDA with AMP when present, else CPU), DDP when started by ``to
 averaged over all ranks, rank 0 alone writes), AdamW with a per-step cosine schedule and
 linear warmup, a checkpoint written atomically after every epoch, ``resume=True`` continuing an
 interrupted run, and per-epoch reseeding so a resumed CPU run repeats an uninterrupted one.
-The loop never special-cases a method: it calls ``method.prepare_model``, ``method.mix`` and
-``method.loss`` and captures the attention ``method.needs``.
+The loop never special-cases a method: each step is one call of
+:class:`tokenmix.methods.MixStep` (mix -> forward with the method's captures -> loss).
 """
 from __future__ import annotations
 
-import contextlib
 import math
 import os
 import platform
@@ -18,7 +17,7 @@ import random
 import resource
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -37,9 +36,8 @@ from tqdm import tqdm
 from . import methods
 from .config import ConfigError, RunConfig
 from .data import build_datasets, dataset_info, num_classes_of, random_meta, with_sample_meta
-from .methods import MixMethod, ModelOutputs, Needs
-from .models import AttentionCapture, count_parameters, create_model
-from .models.attention import QKCapture
+from .methods import MixMethod, MixStep, StepOutput
+from .models import count_parameters, create_model
 from .runs import (CHECKPOINT, CONFIG, METRICS, SUMMARY, RunExistsError, atomic_torch_save, atomic_write_json,
                    git_commit, load_run, write_metrics)
 
@@ -157,43 +155,6 @@ def peak_memory_mb(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
 
 
-# ---------------------------------------------------------------------------------------------
-# the forward used for training
-
-class TrainForward(nn.Module):
-    """Wraps a model so one ``forward`` returns what the method needs (DDP wraps this module).
-
-    Returns a dict with ``logits`` (B, K), ``tokens`` (B, T, D) or None, ``attention``
-    {block: map} (captured with :class:`AttentionCapture`, detached), ``qk`` (per block
-    ``(q, k, scale)``, captured with :class:`QKCapture`, when ``needs.qk``) and ``extras``:
-    ``extras_fn(tokens, mixed)`` when given the mixed batch, i.e. the method's own trainable
-    computations on the outputs (SMMix's token head). They run *inside* this forward so that DDP
-    sees every parameter used in it once (a head applied later, in the loss, breaks DDP's gradient
-    hooks).
-    """
-
-    def __init__(self, model: nn.Module, needs: Needs,
-                 extras_fn: Callable[[Tensor | None, Any], dict[str, Any]] | None = None) -> None:
-        super().__init__()
-        self.model, self.needs, self.extras_fn = model, needs, extras_fn
-
-    def forward(self, x: Tensor, mixed: Any = None) -> dict[str, Any]:
-        n = self.needs
-        with contextlib.ExitStack() as stack:
-            cap = (stack.enter_context(AttentionCapture(self.model, n.attention_blocks, n.attention_reduce))
-                   if n.attention_blocks else None)
-            qk = (stack.enter_context(QKCapture(self.model, None if n.qk is True else n.qk))
-                  if n.qk else None)
-            if n.tokens:
-                tokens = self.model.forward_features(x)
-                logits = self.model.forward_head(tokens)
-            else:
-                tokens, logits = None, self.model(x)
-        extras = self.extras_fn(tokens, mixed) if self.extras_fn is not None and mixed is not None else {}
-        return {"logits": logits, "tokens": tokens, "attention": cap.all() if cap else {},
-                "qk": qk.all() if qk else [], "extras": extras}
-
-
 @torch.no_grad()
 def evaluate(model: nn.Module, loader: DataLoader, device: torch.device, info: DistInfo = DistInfo(),
              amp: bool = False) -> dict[str, float]:
@@ -260,62 +221,57 @@ def check_batch(batch_size: int, world_size: int = 1) -> int:
     """The per-process batch of a global ``batch_size`` split over ``world_size`` processes.
 
     Raises:
-        ConfigError: the split is uneven or odd (every method pairs sample i with sample B-1-i
-            within each process, so each needs an even batch >= 2); the message lists valid sizes.
+        ConfigError: the split is uneven or empty; the message lists valid sizes.
     """
     per, rem = divmod(batch_size, world_size)
-    if rem == 0 and per >= 2 and per % 2 == 0:
+    if rem == 0 and per >= 1:
         return per
-    unit = 2 * world_size
-    valid = ", ".join(str(unit * k) for k in range(1, 5))
+    valid = ", ".join(str(world_size * k) for k in (1, 2, 4, 8))
     raise ConfigError(f"batch_size {batch_size} over {world_size} process(es) gives {batch_size / world_size:g} "
-                      f"images per process; mixing pairs sample i with sample B-1-i within each process, so each "
-                      f"needs an even batch of at least 2; valid global batch sizes: {valid}, ...")
+                      f"images per process; the global batch must split evenly; valid global batch sizes: "
+                      f"{valid}, ... (any multiple of {world_size})")
 
 
-def preflight(cfg: RunConfig, world_size: int = 1) -> None:
+def preflight(cfg: RunConfig, world_size: int = 1, method: MixMethod | None = None) -> None:
     """Check everything about ``cfg`` that can be checked before any work starts (no data loaded,
     nothing written): the method's parameters against the model (token grid, window and block
     sizes, layer indices), the per-process batch, the method's inputs (TokenMix's teacher cache:
     present, and built from the same training images) and one dry training step of the method on
     random data (no backward). The global RNG state is left untouched.
 
+    Args:
+        method: the run's method object (built from ``cfg`` when not given); it is prepared on a
+            throwaway model here and keeps no state from it.
+
     Raises:
         ConfigError: the method cannot run with this model, image size or batch (the message
             names the values and, where there is a list, the valid choices).
         tokenmix.teacher.TeacherCacheError: missing or stale teacher cache (names the build command).
     """
-    from .teacher import TeacherMaps, verify_cache_data
     info = dataset_info(cfg.dataset)
     what = f"method {cfg.method!r} ({cfg.variant}) with model {cfg.model!r} at {cfg.img_size} px"
+    per = check_batch(cfg.batch_size, world_size)
     with torch.random.fork_rng(devices=[]):
+        method = method or build_method(cfg, info.num_classes)
         try:
             model = create_model(cfg.model, info.num_classes, cfg.img_size, info.in_chans,
                                  patch_size=cfg.patch_size or None)
-            method = build_method(cfg, info.num_classes)
-            model = method.prepare_model(model)
+            step = MixStep(model, method).train()
         except (ValueError, TypeError) as e:
             raise ConfigError(f"{what}: {e}") from e
-        per = check_batch(cfg.batch_size, world_size)
         method.prepare_training()
-        maps = getattr(method, "maps", None)
-        if isinstance(maps, TeacherMaps) and cfg.dataset != "imagenet":
-            verify_cache_data(maps, cfg.dataset, cfg.img_size, cfg.data_dir, download=False)
+        method.verify_inputs()
         b = min(per, 4)
         x = torch.randn(b, info.in_chans, cfg.img_size, cfg.img_size)
         y = torch.randint(0, info.num_classes, (b,))
         try:
             with torch.no_grad():
-                if method.needs.sample_meta:
-                    n_images = len(maps) if maps is not None else 1
-                    mixed = method.mix(x, y, meta=random_meta(b, n_images, cfg.img_size, cfg.img_size // 8))
-                else:
-                    mixed = method.mix(x, y)
-                net = TrainForward(model, method.needs, method.forward_extras).train()
-                method.loss(ModelOutputs(**net(mixed.x, mixed)), mixed)
+                step(x, y, random_meta(b, 1, cfg.img_size, cfg.img_size // 8))
         except (ValueError, RuntimeError, IndexError, TypeError) as e:
             raise ConfigError(f"{what} fails a dry training step on {b} random images "
                               f"(token grid {method.grid}): {e}") from e
+        finally:
+            method.release_model(model)
 
 
 def train(cfg: RunConfig, callbacks: Sequence[EpochCallback] = ()) -> dict[str, Any]:
@@ -341,7 +297,8 @@ def train(cfg: RunConfig, callbacks: Sequence[EpochCallback] = ()) -> dict[str, 
         if dinfo.is_main:
             print(f"[tokenmix] {run_dir} is already complete; returning its summary")
         return load_run(run_dir).summary
-    preflight(cfg, dinfo.world_size)  # bad input fails here, before data is loaded or files written
+    method = build_method(cfg, dataset_info(cfg.dataset).num_classes)  # the run's one method object
+    preflight(cfg, dinfo.world_size, method)  # bad input fails here, before data is loaded or files written
     seed_everything(cfg.seed)
     train_ds, test_ds, dinfo_data = build_datasets(
         cfg.dataset, cfg.img_size, cfg.data_dir, cfg.download, cfg.train_subset, cfg.test_subset,
@@ -349,12 +306,14 @@ def train(cfg: RunConfig, callbacks: Sequence[EpochCallback] = ()) -> dict[str, 
     num_classes = num_classes_of(train_ds, dinfo_data)
     model = create_model(cfg.model, num_classes, cfg.img_size, dinfo_data.in_chans,
                          patch_size=cfg.patch_size or None, drop_path_rate=cfg.drop_path)
-    method = build_method(cfg, num_classes)
+    if num_classes != method.num_classes:
+        method = build_method(cfg, num_classes)  # an ImageNet subset with fewer classes
     if method.needs.sample_meta:
         train_ds = with_sample_meta(train_ds) or build_datasets(
             cfg.dataset, cfg.img_size, cfg.data_dir, cfg.download, cfg.train_subset, cfg.test_subset,
             cfg.crop_padding, cfg.hflip, cfg.randaugment, train_meta=True)[0]
-    model = method.prepare_model(model.to(device)).to(device)  # methods may read the device
+    step = MixStep(model.to(device), method, amp=cfg.amp and device.type == "cuda").to(device)  # methods may read the device
+    model = step.model
     method.prepare_training()  # before the run folder exists: a missing input leaves no half-made run
     if dinfo.enabled:
         dist.barrier()
@@ -365,11 +324,10 @@ def train(cfg: RunConfig, callbacks: Sequence[EpochCallback] = ()) -> dict[str, 
         for tmp in run_dir.glob(".*.tmp"):  # left by a process killed while writing a file
             tmp.unlink(missing_ok=True)
 
-    net: nn.Module = TrainForward(model, method.needs, method.forward_extras)
-    if dinfo.enabled:
-        net = nn.parallel.DistributedDataParallel(
-            net, device_ids=[device.index] if device.type == "cuda" else None,
-            find_unused_parameters=getattr(method, "find_unused_parameters", False))
+    net: nn.Module = step
+    if dinfo.enabled:  # device_ids=None: the inputs are on the device already, meta stays on the CPU
+        net = nn.parallel.DistributedDataParallel(step, device_ids=None,
+                                                  find_unused_parameters=step.find_unused_parameters)
 
     per_rank = cfg.batch_size // dinfo.world_size
     steps_per_epoch = len(train_ds) // cfg.batch_size
@@ -423,13 +381,8 @@ def train(cfg: RunConfig, callbacks: Sequence[EpochCallback] = ()) -> dict[str, 
             for g in optimizer.param_groups:
                 g["lr"] = lr
             x, y = batch[0].to(device, non_blocking=True), batch[1].to(device, non_blocking=True)
-            if method.needs.sample_meta:
-                mixed = method.mix(x, y, meta=batch[2])  # meta stays on the CPU (cache lookups)
-            else:
-                mixed = method.mix(x, y)
-            with torch.autocast(device.type, enabled=use_amp):
-                outputs = ModelOutputs(**net(mixed.x, mixed))
-                loss, info = method.loss(outputs, mixed)
+            out = net(x, y, batch[2] if len(batch) > 2 else None)  # meta stays on the CPU (cache lookups)
+            loss, info = out.loss, out.info
             if not torch.isfinite(loss):
                 _fail(run_dir, cfg, dinfo, f"non-finite loss {float(loss.detach())} at epoch {epoch + 1}, step {i}")
             optimizer.zero_grad(set_to_none=True)
@@ -459,7 +412,7 @@ def train(cfg: RunConfig, callbacks: Sequence[EpochCallback] = ()) -> dict[str, 
         history.append(record)
         if dinfo.is_main:
             atomic_torch_save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                               "scaler": scaler.state_dict(), "epoch": epoch + 1, "history": history,
+                               "scaler": scaler.state_dict(), "epoch": epoch + 1, "history": history, "num_classes": num_classes,
                                "config": cfg.to_dict()}, run_dir / CHECKPOINT)
             write_metrics(run_dir / METRICS, history)
             acc = f"top1 {record['top1']:.2f}  top5 {record['top5']:.2f}  " if "top1" in record else ""
@@ -476,6 +429,25 @@ def train(cfg: RunConfig, callbacks: Sequence[EpochCallback] = ()) -> dict[str, 
         print(f"[tokenmix] done: top1 {summary['final_top1']:.2f} (best {summary['best_top1']:.2f}); "
               f"record in {run_dir}")
     return summary
+
+
+def quick_train(step: MixStep, images: Tensor, labels: Tensor, steps: int, batch_size: int, lr: float = 1e-3,
+                weight_decay: float = 0.05, seed: int = 0) -> Iterator[tuple[int, Tensor, StepOutput]]:
+    """A short AdamW training of ``step`` on random batches of ``images`` (normalised (n, C, H, W),
+    no augmentation; the notebooks' per-step studies). Yields ``(step, y, StepOutput)`` after each
+    optimiser step."""
+    if steps < 1 or batch_size < 1 or batch_size > len(images):
+        raise ValueError(f"need steps >= 1 and 1 <= batch_size <= {len(images)}, got {steps}, {batch_size}")
+    g = torch.Generator().manual_seed(seed)
+    opt = torch.optim.AdamW(step.parameters(), lr=lr, weight_decay=weight_decay)
+    step.train()
+    for i in range(steps):
+        idx = torch.randint(0, len(images), (batch_size,), generator=g)
+        out = step(images[idx], labels[idx])
+        opt.zero_grad(set_to_none=True)
+        out.loss.backward()
+        opt.step()
+        yield i + 1, labels[idx], out
 
 
 def _fail(run_dir: Path, cfg: RunConfig, dinfo: DistInfo, message: str) -> None:
@@ -509,10 +481,9 @@ def load_model(run_dir: str | Path, map_location: str | torch.device = "cpu") ->
     """Rebuild a run's model from its record and load the checkpoint weights (eval mode)."""
     run = load_run(run_dir)
     cfg = RunConfig.from_dict(run.config)
-    from .data import dataset_info
     info = dataset_info(cfg.dataset)
     ckpt = torch.load(Path(run_dir) / CHECKPOINT, map_location=map_location, weights_only=False)
-    num_classes = ckpt["model"]["head.weight"].shape[0] if "head.weight" in ckpt["model"] else info.num_classes
+    num_classes = int(ckpt.get("num_classes", info.num_classes))
     model = create_model(cfg.model, num_classes, cfg.img_size, info.in_chans, patch_size=cfg.patch_size or None)
     model = build_method(cfg, num_classes).prepare_model(model)
     model.load_state_dict(ckpt["model"])

@@ -97,6 +97,7 @@ from .methods.tlalign import TLAlign
 from .methods.tokenmix import TokenMix
 from .methods.tokenmixup import htm_label, htm_mask, match_partners, token_gains
 from .methods.transmix import TransMix
+from .methods.step import forward_outputs
 
 #: the rules, in table order
 RULES: tuple[str, ...] = ("CutMix (area)", "TransMix (official)", "TransMix (paper)", "TL-Align",
@@ -191,8 +192,7 @@ def normalise(x_raw: Tensor, mean: Sequence[float], std: Sequence[float]) -> Ten
 
 
 def _forward_qk(model: nn.Module, x: Tensor) -> ModelOutputs:
-    from .engine import TrainForward
-    return ModelOutputs(**TrainForward(model, Needs(qk=True))(x))
+    return forward_outputs(model, Needs(qk=True), x)
 
 
 def _num_classes(model: nn.Module) -> int:

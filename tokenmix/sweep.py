@@ -22,7 +22,7 @@ Grid file::
     axes: {seed: [0, 1]}             # cartesian product over these RunConfig fields
     methods:                         # one entry per method configuration
       - {method: cutmix}
-      - {method: tokenmixup, method_kwargs: {mode: vtm}, label: tokenmixup_vtm}
+      - {method: tokenmixup, method_kwargs: {tokenmixup_mode: vtm}, label: tokenmixup_vtm}
 
 The run id of a cell is ``<dataset>-<model>-<label>-s<seed>`` (``label`` defaults to the method).
 

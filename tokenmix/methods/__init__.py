@@ -1,22 +1,28 @@
-"""Mixing methods behind one two-phase interface, and their registry.
+"""Mixing methods behind one interface, their registry, and the training step.
 
 >>> from tokenmix import methods
 >>> methods.available()
 ['cutmix', 'mixup', 'mixup_cutmix', 'none', 'smmix', 'tl_align', 'tokenmix', 'tokenmixup', 'transmix']
 >>> m = methods.get("cutmix", num_classes=10, cutmix_alpha=1.0)
+>>> m = methods.get("mixup_cutmix", num_classes=10, label_smoothing=0.1, prob=1.0, mode="batch")  # timm names
+
+Adding a method: a module with a :class:`MixMethod` subclass, one line in the registry below, and
+a notebook; the tests iterate over :func:`available` and pick it up.
 """
 from __future__ import annotations
 
 import inspect
 from typing import Any
 
-from .base import MixedBatch, MixMethod, ModelOutputs, Needs, TokenGrid, one_hot, soft_target_cross_entropy
+from .base import (MixedBatch, MixMethod, ModelOutputs, Needs, TokenGrid, keep_unpaired, one_hot,
+                   soft_target_cross_entropy)
 from .baselines import CutMix, Mixup, MixupCutMix
 from .tlalign import TLAlign
 from .tokenmix import TokenMix
 from .tokenmixup import TokenMixup
 from .smmix import SMMix
 from .transmix import TransMix
+from .step import MixStep, StepOutput, forward_outputs
 
 _REGISTRY: dict[str, type[MixMethod]] = {}
 
@@ -53,16 +59,39 @@ def parameters(name: str) -> dict[str, Any]:
             for k, p in sig.parameters.items() if k != "self"}
 
 
+#: ``timm.data.Mixup`` argument names -> this package's (same meaning)
+TIMM_NAMES = {"label_smoothing": "smoothing", "prob": "mix_prob"}
+#: ``timm.data.Mixup`` arguments accepted with one value only: what every method here does
+TIMM_FIXED = {"mode": "batch", "correct_lam": True}
+
+
 def get(name: str, **params: Any) -> MixMethod:
-    """Build method ``name``; unknown parameters raise ValueError naming the valid ones."""
+    """Build method ``name``; unknown parameters raise ValueError naming the valid ones.
+
+    ``timm.data.Mixup``'s names are accepted with timm's meaning: ``label_smoothing`` (=
+    ``smoothing``), ``prob`` (= ``mix_prob``), ``mixup_alpha``, ``cutmix_alpha``, ``switch_prob``;
+    ``mode`` only as ``"batch"`` and ``correct_lam`` only as True (one lam and one box per batch,
+    the box-corrected lam: what all the official codes do). ``num_classes`` is required.
+    """
     cls = method_class(name)
     valid = parameters(name)
+    for timm_name, value in TIMM_FIXED.items():
+        if timm_name in params and timm_name not in valid:
+            got = params.pop(timm_name)
+            if got != value:
+                raise ValueError(f"{timm_name}={got!r} is not supported (timm.data.Mixup's name); valid: {value!r} "
+                                 f"(every method here draws one lam and one mask per batch)")
+    for timm_name, own in TIMM_NAMES.items():
+        if timm_name in params:
+            if own in params:
+                raise ValueError(f"pass either {timm_name} (timm's name) or {own}, not both")
+            params[own] = params.pop(timm_name)
     bad = sorted(set(params) - set(valid))
     if bad:
         raise ValueError(f"method {name!r} has no parameter(s) {', '.join(bad)}; valid: {', '.join(valid)}")
     return cls(**params)
 
 
-__all__ = ["MixMethod", "MixedBatch", "ModelOutputs", "Needs", "TokenGrid", "Mixup", "CutMix",
-           "MixupCutMix", "SMMix", "TLAlign", "TokenMix", "TokenMixup", "TransMix", "available", "get", "method_class", "parameters", "register", "one_hot",
-           "soft_target_cross_entropy"]
+__all__ = ["MixMethod", "MixStep", "MixedBatch", "ModelOutputs", "Needs", "StepOutput", "TokenGrid", "Mixup", "CutMix",
+           "MixupCutMix", "SMMix", "TLAlign", "TokenMix", "TokenMixup", "TransMix", "available", "forward_outputs", "get",
+           "keep_unpaired", "method_class", "one_hot", "parameters", "register", "soft_target_cross_entropy"]

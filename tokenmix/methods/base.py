@@ -1,21 +1,31 @@
-"""The two-phase method interface shared by every mixing method.
+"""The interface shared by every mixing method.
 
 Convention for mixing ratios (used by every module of the package): ``lam`` is the share of the
 **own** sample (timm's convention) and a target is ``lam * y_own + (1 - lam) * y_partner``.
 ``partner_mask`` is always the **partner's** share of each token. Methods whose paper uses the
 other convention (TransMix's lambda is the partner share) convert at their boundary.
 
-A method is used in two phases because TransMix, SMMix and TL-Align need the forward pass before
-the target is known::
+A method works in two phases because TransMix, SMMix and TL-Align need the forward pass before
+the target is known; :class:`tokenmix.methods.MixStep` runs both around the forward::
 
-    method.prepare_model(model)          # once: records the token grid, may wrap blocks
-    mixed = method.mix(x, y)             # before the forward  -> MixedBatch
-    outputs = forward(model, mixed.x)    # ModelOutputs (logits, tokens, requested attention)
-    loss, info = method.loss(outputs, mixed)
+    model = method.prepare_model(model)       # records the token grid, installs hooks (idempotent)
+    mixed = method.mix(x, y, meta)            # before the forward -> MixedBatch
+    outputs = forward_outputs(model, method.needs, mixed.x)   # ModelOutputs: logits, captures
+    loss, info = method.loss(outputs, mixed)  # label rule (method.label) + criterion
+
+A method object holds only its configuration and what it learnt about the model in
+``prepare_model``; everything about one batch travels in the returned ``MixedBatch`` and
+``ModelOutputs``, and ``loss`` changes neither.
+
+Pairing: sample i is mixed with sample ``B - 1 - i`` (the official codes' flip pairing). In an
+odd batch the middle sample is its own partner: it stays unmixed, with its own label
+(:func:`keep_unpaired`), so a loader's last, partial batch (``drop_last=False``) mixes.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import contextlib
+from collections.abc import Iterator
+from dataclasses import dataclass, field, replace
 from typing import Any, ClassVar
 
 import torch
@@ -71,8 +81,9 @@ class MixedBatch:
             the partner, in [0, 1]; the one structure every label rule consumes.
         lam_area: (B,) own (kept) share of the image area, i.e. ``1 - partner_mask.mean(1)``
             for box and token masks, the Mixup coefficient for Mixup.
-        target: (B, K) the area-based soft target (label smoothing applied per source before
-            mixing). Methods that re-assign labels after the forward replace it in ``loss``.
+        target: (B, K) the target known before the forward: the area-based soft target (label
+            smoothing applied per source before mixing), or a method's own (TokenMix's teacher
+            target). Methods whose label depends on the forward compute theirs in ``label``.
         kind: what produced the batch: ``"none"``, ``"mixup"``, ``"cutmix"`` or a method's own mask.
         extras: method-specific state (boxes, masks, ...).
     """
@@ -123,7 +134,7 @@ class Needs:
             arrive in ``ModelOutputs.qk`` as ``[(q, k, scale), ...]`` in block order.
         sample_meta: the method's ``mix`` needs each sample's metadata (``meta`` = dataset index,
             crop box, flip; see :mod:`tokenmix.data`), e.g. to look up TokenMix's teacher maps.
-            The engine then calls ``method.mix(x, y, meta=meta)`` (meta as collated, on the CPU).
+            The training set then yields it (every method takes ``mix(x, y, meta)``; the others ignore it).
     """
 
     attention_blocks: tuple[int, ...] = ()
@@ -160,27 +171,56 @@ def soft_target_cross_entropy(logits: Tensor, target: Tensor) -> Tensor:
 
 
 def flip_pairing(batch_size: int, device: torch.device | None = None) -> Tensor:
-    """Partner of sample i is sample ``B - 1 - i`` (the pairing of all five official codes).
+    """Partner of sample i is sample ``B - 1 - i`` (the pairing of all five official codes); in an
+    odd batch the middle sample is paired with itself (and :func:`keep_unpaired` leaves it unmixed).
 
     Raises:
-        ValueError: for an odd or too small batch (a sample would be paired with itself).
+        ValueError: for an empty batch.
     """
-    if batch_size < 2 or batch_size % 2:
-        raise ValueError(f"mixing pairs sample i with sample B-1-i, so the batch size must be even "
-                         f"and >= 2; got {batch_size}")
+    if batch_size < 1:
+        raise ValueError(f"cannot mix an empty batch (batch size {batch_size})")
     return torch.arange(batch_size - 1, -1, -1, device=device)
+
+
+def keep_unpaired(mixed: MixedBatch, x: Tensor, num_classes: int, smoothing: float) -> MixedBatch:
+    """The batch with every sample that is its own partner restored: its input image ``x`` (B, C,
+    H, W), its own (smoothed) label, a zero partner mask and an own share of 1. Even batches with
+    flip pairing have no such sample and are returned as they are (no copy)."""
+    b = x.shape[0]
+    if b % 2 == 0 or mixed.kind == "none":
+        return mixed
+    own = mixed.partner_index == torch.arange(b, device=mixed.partner_index.device)  # (B,)
+    keep = own.view(-1, *([1] * (x.dim() - 1)))
+    return replace(
+        mixed, x=torch.where(keep, x, mixed.x),
+        partner_mask=mixed.partner_mask.masked_fill(own[:, None], 0.0),
+        lam_area=mixed.lam_area.masked_fill(own, 1.0),
+        target=torch.where(own[:, None], one_hot(mixed.y, num_classes, smoothing), mixed.target))
 
 
 class MixMethod:
     """Base class: the identity method (``none``), with the shared plumbing.
 
-    Subclasses set ``name``, override :meth:`mix` and, when the label depends on the forward,
-    :meth:`loss`. Every constructor argument must be a typed keyword so that the registry can
-    validate parameters by name.
+    A subclass sets ``name`` and overrides what it changes:
+
+    - :meth:`mix_batch` -- the mask and the area target, before the forward;
+    - :meth:`label` -- the label rule, when the target depends on the forward (reads
+      ``ModelOutputs``, returns a new target; never changes its inputs);
+    - :meth:`loss` -- the criterion, when it is not the soft-target cross-entropy or has more terms;
+    - :meth:`setup_model` / :meth:`release_model` -- what it installs on the model (hooks,
+      wrappers, trainable heads) and how that is removed;
+    - :meth:`forward_context` / :meth:`forward_extras` -- computations inside the training forward
+      (model-side mixing; trainable heads on the outputs, so that DDP sees them);
+    - class attributes ``needs`` (what the forward must capture), ``idle_parameters`` (DDP's
+      ``find_unused_parameters``) and ``family`` (how reports group and name it).
+
+    Every constructor argument must be a typed keyword so that the registry can validate
+    parameters by name.
 
     Args:
         num_classes: K.
-        smoothing: label smoothing applied to each source label before mixing.
+        smoothing: label smoothing applied to each source label before mixing (timm's
+            ``label_smoothing``).
         variant: ``"official"`` (reproduce the released code) or ``"paper"``.
         mix_prob: probability that a batch is mixed at all (timm's ``prob``).
     """
@@ -188,6 +228,10 @@ class MixMethod:
     name: ClassVar[str] = "none"
     variants: ClassVar[tuple[str, ...]] = ("official", "paper")
     needs: Needs = Needs()
+    #: the method trains parameters that some batches leave unused (DDP's ``find_unused_parameters``)
+    idle_parameters: ClassVar[bool] = False
+    #: the paper the method belongs to, for reports ("baseline" for none / Mixup / CutMix)
+    family: ClassVar[str] = "baseline"
 
     def __init__(self, num_classes: int, smoothing: float = 0.1, variant: str = "official",
                  mix_prob: float = 1.0) -> None:
@@ -208,22 +252,50 @@ class MixMethod:
 
     # -- setup -------------------------------------------------------------------------------
     def prepare_model(self, model: nn.Module) -> nn.Module:
-        """Called once by the engine before training: records the model's token grid.
-        Model-side methods (TokenMixup) also install their block wrappers here, and methods with
-        trainable heads attach them to the model as submodules (so the optimiser, DDP and
-        checkpoints see them)."""
+        """Make ``model`` ready for this method and return it: record its token grid, then
+        :meth:`setup_model`. Idempotent: a model this method already prepared is returned as it
+        is; a model another method prepared is first released (:meth:`release_model`)."""
+        owner = model.__dict__.get(_OWNER)
+        if owner is self:
+            return model
+        if owner is not None:
+            owner.release_model(model)
         self.grid = TokenGrid.from_model(model)
+        model = self.setup_model(model)
+        model.__dict__[_OWNER] = self
         return model
+
+    def setup_model(self, model: nn.Module) -> nn.Module:
+        """What the method installs on the model, once (called by :meth:`prepare_model` after the
+        grid is known): model-side methods (TokenMixup) their hooks and wrappers, methods with
+        trainable heads the heads as submodules (so the optimiser, DDP and checkpoints see them)."""
+        return model
+
+    def release_model(self, model: nn.Module) -> nn.Module:
+        """Undo :meth:`setup_model`: remove the hooks, wrappers and heads the method added."""
+        model.__dict__.pop(_OWNER, None)
+        return model
+
+    def prepare_training(self) -> None:
+        """Called once before the first training step (after :meth:`prepare_model`; not when a
+        trained model is merely loaded): open what the labels need, e.g. TokenMix's teacher-map
+        cache, so that a missing input fails before training starts."""
+
+    def verify_inputs(self) -> None:
+        """Check, before a run starts, that the method's external inputs match the training data
+        (TokenMix: its teacher cache was built from the same images). Default: nothing to check."""
+
+    @contextlib.contextmanager
+    def forward_context(self, mixed: MixedBatch | None) -> Iterator[dict[str, Any]]:
+        """Context of one training forward on ``mixed``: yields a dict that ends up in
+        ``ModelOutputs.extras``. Model-side methods (TokenMixup's hooks) read the batch and write
+        their per-batch results there; nothing is kept on the method. Default: nothing."""
+        yield {}
 
     def forward_extras(self, tokens: Tensor | None, mixed: MixedBatch) -> dict[str, Any]:
         """Trainable computations of the method on the forward's outputs, run inside the training
         forward (so DDP sees them; ``ModelOutputs.extras``). None by default; SMMix's token head."""
         return {}
-
-    def prepare_training(self) -> None:
-        """Called by the engine once before the first training step (after :meth:`prepare_model`;
-        not when a trained model is merely loaded): open what the labels need, e.g. TokenMix's
-        teacher-map cache, so that a missing input fails before training starts."""
 
     def _require_grid(self, x: Tensor) -> TokenGrid:
         if self.grid is None:
@@ -247,8 +319,18 @@ class MixMethod:
             target=one_hot(y, self.num_classes, self.smoothing), kind="none",
         )
 
-    def mix(self, x: Tensor, y: Tensor) -> MixedBatch:
-        """Mix a batch. x (B, C, H, W), y (B,) -> :class:`MixedBatch`."""
+    def mix(self, x: Tensor, y: Tensor, meta: dict[str, Tensor] | None = None) -> MixedBatch:
+        """Mix a batch: x (B, C, H, W), y (B,) int64 -> :class:`MixedBatch`.
+
+        ``meta``: each sample's metadata as collated by the loader (dataset index, crop box,
+        flip; see :mod:`tokenmix.data`), for methods with ``needs.sample_meta`` (TokenMix's
+        teacher labels); ignored by the others. Any batch size >= 1 (see :func:`keep_unpaired`)."""
+        self._require_grid(x)
+        return keep_unpaired(self.mix_batch(x, y, meta), x, self.num_classes, self.smoothing)
+
+    def mix_batch(self, x: Tensor, y: Tensor, meta: dict[str, Tensor] | None) -> MixedBatch:
+        """The method's mixing (override this; :meth:`mix` checks the grid and restores unpaired
+        samples around it)."""
         return self.unmixed(x, y)
 
     def _skip(self) -> bool:
@@ -256,13 +338,22 @@ class MixMethod:
         return self.mix_prob < 1.0 and float(torch.rand(())) >= self.mix_prob
 
     # -- phase 2 ------------------------------------------------------------------------------
+    def label(self, outputs: ModelOutputs, mixed: MixedBatch) -> tuple[Tensor, dict[str, float]]:
+        """The target (B, K) the method trains ``mixed`` towards, given the forward's outputs, and
+        floats to log. Default: the area target ``mixed.target``."""
+        return mixed.target, {"lam": float(mixed.lam_area.mean())}
+
     def loss(self, outputs: ModelOutputs, mixed: MixedBatch) -> tuple[Tensor, dict[str, float]]:
-        """Soft-target cross-entropy against ``mixed.target``. Returns (loss, info)."""
-        loss = soft_target_cross_entropy(outputs.logits, mixed.target)
-        return loss, {"lam": float(mixed.lam_area.mean())}
+        """Soft-target cross-entropy against :meth:`label`. Returns (loss, info)."""
+        target, info = self.label(outputs, mixed)
+        return soft_target_cross_entropy(outputs.logits, target), info
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(variant={self.variant!r}, smoothing={self.smoothing})"
+
+
+#: attribute of a prepared model naming the method that prepared it (see MixMethod.prepare_model)
+_OWNER = "_tokenmix_method"
 
 
 def entropy(p: Tensor) -> float:

@@ -25,6 +25,13 @@ from .masks import box_lam, box_token_share, paste_box, rand_bbox, sample_lam
 SNAPS = ("pixel", "token")
 
 
+def draw_switch(switch_prob: float) -> bool:
+    """The per-batch switch of every "method mask or Mixup" recipe (timm's ``switch_prob``):
+    True (the method's own mask: CutMix, TokenMix's blocks, SMMix's windows) with probability
+    ``switch_prob``, else Mixup. One draw from torch's RNG."""
+    return float(torch.rand(())) < switch_prob
+
+
 def mixup_batch(x: Tensor, y: Tensor, lam: float, grid: TokenGrid, num_classes: int,
                 smoothing: float) -> MixedBatch:
     """Mixup with flip pairing: ``x' = lam x + (1 - lam) x[partner]``; every token is a blend, so
@@ -80,11 +87,10 @@ class Mixup(MixMethod):
             raise ValueError(f"mixup_alpha must be > 0, got {mixup_alpha}")
         self.mixup_alpha = mixup_alpha
 
-    def mix(self, x: Tensor, y: Tensor) -> MixedBatch:
-        grid = self._require_grid(x)
+    def mix_batch(self, x: Tensor, y: Tensor, meta: dict[str, Tensor] | None = None) -> MixedBatch:
         if self._skip():
             return self.unmixed(x, y)
-        return mixup_batch(x, y, sample_lam(self.mixup_alpha), grid, self.num_classes, self.smoothing)
+        return mixup_batch(x, y, sample_lam(self.mixup_alpha), self.grid, self.num_classes, self.smoothing)
 
 
 class CutMix(MixMethod):
@@ -102,11 +108,10 @@ class CutMix(MixMethod):
         self.cutmix_alpha = cutmix_alpha
         self.cutmix_snap = cutmix_snap
 
-    def mix(self, x: Tensor, y: Tensor) -> MixedBatch:
-        grid = self._require_grid(x)
+    def mix_batch(self, x: Tensor, y: Tensor, meta: dict[str, Tensor] | None = None) -> MixedBatch:
         if self._skip():
             return self.unmixed(x, y)
-        return cutmix_batch(x, y, sample_lam(self.cutmix_alpha), grid, self.num_classes,
+        return cutmix_batch(x, y, sample_lam(self.cutmix_alpha), self.grid, self.num_classes,
                             self.smoothing, self.cutmix_snap)
 
 
@@ -129,15 +134,10 @@ class MixupCutMix(MixMethod):
         self.mixup_alpha, self.cutmix_alpha = mixup_alpha, cutmix_alpha
         self.switch_prob, self.cutmix_snap = switch_prob, cutmix_snap
 
-    def use_cutmix(self) -> bool:
-        """Draw the per-batch switch (True = CutMix)."""
-        return float(torch.rand(())) < self.switch_prob
-
-    def mix(self, x: Tensor, y: Tensor) -> MixedBatch:
-        grid = self._require_grid(x)
+    def mix_batch(self, x: Tensor, y: Tensor, meta: dict[str, Tensor] | None = None) -> MixedBatch:
         if self._skip():
             return self.unmixed(x, y)
-        if self.use_cutmix():
-            return cutmix_batch(x, y, sample_lam(self.cutmix_alpha), grid, self.num_classes,
+        if draw_switch(self.switch_prob):
+            return cutmix_batch(x, y, sample_lam(self.cutmix_alpha), self.grid, self.num_classes,
                                 self.smoothing, self.cutmix_snap)
-        return mixup_batch(x, y, sample_lam(self.mixup_alpha), grid, self.num_classes, self.smoothing)
+        return mixup_batch(x, y, sample_lam(self.mixup_alpha), self.grid, self.num_classes, self.smoothing)

@@ -23,8 +23,9 @@ Per batch (flip pairing): with probability ``switch_prob`` an SMMix batch, else 
    go to the first position in row-major order. Pixels are copied by whole patches.
 4. **Labels and losses**: lam = (N - k^2) / N, the own share. L_cls = soft CE against the smoothed
    area mixture; L_fine = 1/2 [CE(head(mean of own-region tokens), y) + CE(head(mean of pasted-
-   region tokens), y_partner)] with a separate token head (``official``; the paper's shared
-   classifier with ``shared_head=True``); L_con = KL(teacher || softmax(logits)), batch mean,
+   region tokens), y_partner)] against the label-smoothed one-hots (the official ``criterion``),
+   with a separate token head (``official``; the paper's shared classifier with
+   ``shared_head=True``); L_con = KL(teacher || softmax(logits)), batch mean,
    teacher = softmax(lam z + (1 - lam) z_partner) (``official``: logits mixed) or
    lam softmax(z) + (1 - lam) softmax(z_partner) (``paper``: probabilities mixed).
    Total = w_cls L_cls + w_fine L_fine + w_con L_con (weights 1; 0 switches a term off).
@@ -55,9 +56,9 @@ from torch import Tensor
 
 from ..models.attention import AttentionCapture
 from ..models.backbones import Backbone
-from .base import (MixedBatch, MixMethod, ModelOutputs, Needs, TokenGrid, flip_pairing, mix_targets,
+from .base import (MixedBatch, MixMethod, ModelOutputs, Needs, TokenGrid, flip_pairing, mix_targets, one_hot,
                    soft_target_cross_entropy)
-from .baselines import mixup_batch
+from .baselines import draw_switch, mixup_batch
 from .masks import sample_lam, token_mask_to_pixels
 
 SOURCES = ("max", "random")
@@ -145,9 +146,14 @@ def region_mean(tokens: Tensor, mask: Tensor) -> Tensor:
     return (tokens * m).sum(1) / m.sum(1).clamp_min(1.0)
 
 
-def fine_loss(own_logits: Tensor, pasted_logits: Tensor, y: Tensor, y_partner: Tensor) -> Tensor:
-    """L_fine = 1/2 [CE(own-region logits, y) + CE(pasted-region logits, y_partner)] (hard labels)."""
-    return 0.5 * (F.cross_entropy(own_logits.float(), y) + F.cross_entropy(pasted_logits.float(), y_partner))
+def fine_loss(own_logits: Tensor, pasted_logits: Tensor, y: Tensor, y_partner: Tensor,
+              smoothing: float = 0.0) -> Tensor:
+    """L_fine = 1/2 [CE(own-region logits, y~) + CE(pasted-region logits, y~_partner)], where y~ is
+    the label-smoothed one-hot (the official ``criterion`` is the soft-target CE against the
+    smoothed labels of its mixup target). own_logits, pasted_logits (B, K); y, y_partner (B,)."""
+    k = own_logits.shape[-1]
+    return 0.5 * (soft_target_cross_entropy(own_logits, one_hot(y, k, smoothing))
+                  + soft_target_cross_entropy(pasted_logits, one_hot(y_partner, k, smoothing)))
 
 
 def consistency_loss(logits: Tensor, z_own: Tensor, z_partner: Tensor, lam: Tensor, variant: str = "official") -> Tensor:
@@ -176,6 +182,8 @@ class SMMix(MixMethod):
     """
 
     name: ClassVar[str] = "smmix"
+    family: ClassVar[str] = "smmix"
+    idle_parameters: ClassVar[bool] = True  # the token head is idle on Mixup batches (DDP)
 
     def __init__(self, num_classes: int, smoothing: float = 0.1, variant: str = "official", mix_prob: float = 1.0,
                  placement: str = "max->min", w_cls: float = 1.0, w_fine: float = 1.0, w_con: float = 1.0,
@@ -191,13 +199,11 @@ class SMMix(MixMethod):
         self.placement, self.w_cls, self.w_fine, self.w_con = placement, w_cls, w_fine, w_con
         self.mixup_alpha, self.switch_prob, self.shared_head = mixup_alpha, switch_prob, shared_head
         self.needs = Needs(tokens=True)
-        self.find_unused_parameters = True  # the token head is idle on Mixup batches (DDP)
         self._model: nn.Module | None = None
 
-    def prepare_model(self, model: nn.Module) -> nn.Module:
+    def setup_model(self, model: nn.Module) -> nn.Module:
         """Record the grid (the last stage's, see the module docstring), the saliency site, keep a
         handle on the model (for the extra forward) and attach the token head."""
-        model = super().prepare_model(model)
         bb = Backbone.of(model)
         self.backbone = bb
         if bb.hierarchical:
@@ -220,6 +226,13 @@ class SMMix(MixMethod):
             model.smmix_token_head = nn.Linear(dim, self.num_classes)
         self._model = model
         return model
+
+    def release_model(self, model: nn.Module) -> nn.Module:
+        """Remove the token head and forget the model."""
+        if "smmix_token_head" in model._modules:
+            del model.smmix_token_head
+        self._model = None
+        return super().release_model(model)
 
     # -- the extra forward ----------------------------------------------------------------------
     @torch.inference_mode()
@@ -247,11 +260,11 @@ class SMMix(MixMethod):
         return logits.float(), sal.float()
 
     # -- phase 1 ------------------------------------------------------------------------------
-    def mix(self, x: Tensor, y: Tensor) -> MixedBatch:
-        grid = self._require_grid(x)
+    def mix_batch(self, x: Tensor, y: Tensor, meta: dict[str, Tensor] | None = None) -> MixedBatch:
+        grid = self.grid
         if self._skip():
             return self.unmixed(x, y)
-        if float(torch.rand(())) >= self.switch_prob:
+        if not draw_switch(self.switch_prob):
             return mixup_batch(x, y, sample_lam(self.mixup_alpha), grid, self.num_classes, self.smoothing)
         b = x.shape[0]
         idx = flip_pairing(b, x.device)
@@ -284,15 +297,20 @@ class SMMix(MixMethod):
         return {"smmix_region_logits": (self.region_logits(tokens, 1 - pasted), self.region_logits(tokens, pasted))}
 
     def loss(self, outputs: ModelOutputs, mixed: MixedBatch) -> tuple[Tensor, dict[str, float]]:
-        l_cls = soft_target_cross_entropy(outputs.logits, mixed.target)
-        info: dict[str, float] = {"lam": float(mixed.lam_area.mean())}
+        target, info = self.label(outputs, mixed)
+        l_cls = soft_target_cross_entropy(outputs.logits, target)
         if mixed.kind != "smmix":
             return l_cls, info
         if outputs.tokens is None:
             raise ValueError("smmix needs the final tokens (needs.tokens); the forward returned none")
         regions = outputs.extras.get("smmix_region_logits") or self.forward_extras(outputs.tokens, mixed)[
-            "smmix_region_logits"]  # computed in the forward by the engine; here for direct callers
-        l_fine = fine_loss(*regions, mixed.y, mixed.y_partner)
+            "smmix_region_logits"]  # computed in the forward by MixStep; here for direct callers
+        y, y_partner = mixed.y, mixed.y_partner
+        b = y.shape[0]
+        if b % 2:  # an odd batch's middle sample is its own partner and unmixed: no pasted region
+            paired = mixed.partner_index != torch.arange(b, device=y.device)
+            regions, y, y_partner = tuple(r[paired] for r in regions), y[paired], y_partner[paired]
+        l_fine = fine_loss(*regions, y, y_partner, self.smoothing) if y.numel() else l_cls.new_zeros(())
         z = mixed.extras["clean_logits"]
         l_con = consistency_loss(outputs.logits, z, z[mixed.partner_index], mixed.lam_area, self.variant)
         loss = self.w_cls * l_cls + self.w_fine * l_fine + self.w_con * l_con

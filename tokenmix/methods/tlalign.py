@@ -58,7 +58,7 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
-from .base import MixedBatch, MixMethod, ModelOutputs, Needs, mix_targets, one_hot, soft_target_cross_entropy
+from .base import MixedBatch, MixMethod, ModelOutputs, Needs, mix_targets, one_hot
 from .baselines import CutMix, MixupCutMix
 from ..models.attention import attention_from_qk, attention_modules
 from ..models.backbones import Backbone, align_labels
@@ -122,6 +122,7 @@ class TLAlign(MixMethod):
     """TL-Align on CutMix (official) or on the Mixup/CutMix switch (paper); see the module docstring."""
 
     name: ClassVar[str] = "tl_align"
+    family: ClassVar[str] = "tl_align"
 
     def __init__(self, num_classes: int, smoothing: float = 0.1, variant: str = "official",
                  mix_prob: float = 1.0, mixup_alpha: float = 0.8, cutmix_alpha: float = 1.0,
@@ -143,8 +144,7 @@ class TLAlign(MixMethod):
         self.num_prefix_tokens = 1
         self.cls_label = True  # the target is the CLS row (else the mean of the patch rows)
 
-    def prepare_model(self, model: nn.Module) -> nn.Module:
-        model = super().prepare_model(model)
+    def setup_model(self, model: nn.Module) -> nn.Module:
         self.mixer.grid = self.grid
         self.num_prefix_tokens = int(getattr(model, "num_prefix_tokens", 0))
         # the label follows the representation the head reads: the CLS token or the pooled patches
@@ -172,9 +172,9 @@ class TLAlign(MixMethod):
         return ([outputs.attention[i] for i in self.needs.attention_blocks] if self.needs.attention_blocks
                 else outputs.qk)
 
-    def mix(self, x: Tensor, y: Tensor) -> MixedBatch:
-        self.mixer.grid = self._require_grid(x)  # also when the grid was set directly, not by prepare_model
-        return self.mixer.mix(x, y)
+    def mix_batch(self, x: Tensor, y: Tensor, meta: dict[str, Tensor] | None = None) -> MixedBatch:
+        self.mixer.grid = self.grid  # also when the grid was set directly, not by prepare_model
+        return self.mixer.mix_batch(x, y)
 
     @torch.no_grad()
     def aligned_target(self, mixed: MixedBatch, attention: list) -> tuple[Tensor, Tensor]:
@@ -214,13 +214,12 @@ class TLAlign(MixMethod):
         rows = own * y1 + (1 - own) * y2  # (B, N, K)
         return align_labels(self.backbone, maps, rows, mixed.target), beta
 
-    def loss(self, outputs: ModelOutputs, mixed: MixedBatch) -> tuple[Tensor, dict[str, float]]:
+    def label(self, outputs: ModelOutputs, mixed: MixedBatch) -> tuple[Tensor, dict[str, float]]:
+        """The aligned target of a box/mask batch; Mixup and unmixed batches keep their area target."""
         if mixed.kind in ("none", "mixup"):
-            loss, info = super().loss(outputs, mixed)
             # the propagation leaves these targets unchanged: report their own share on every batch,
             # so that the engine's per-epoch mean of lam_aligned is not diluted by missing keys
-            return loss, {**info, "lam_aligned": float(mixed.lam_area.mean())}
+            lam = float(mixed.lam_area.mean())
+            return mixed.target, {"lam": lam, "lam_aligned": lam}
         target, beta = self.aligned_target(mixed, self.attention_inputs(outputs))
-        mixed.target = target
-        loss = soft_target_cross_entropy(outputs.logits, target)
-        return loss, {"lam": float(mixed.lam_area.mean()), "lam_aligned": float(beta.mean())}
+        return target, {"lam": float(mixed.lam_area.mean()), "lam_aligned": float(beta.mean())}

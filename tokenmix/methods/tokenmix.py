@@ -65,7 +65,7 @@ from torch import Tensor
 
 from .base import MixedBatch, MixMethod, ModelOutputs, Needs, TokenGrid, flip_pairing, mix_targets, one_hot
 from .base import soft_target_cross_entropy
-from .baselines import cutmix_batch, mixup_batch
+from .baselines import cutmix_batch, draw_switch, mixup_batch
 from .masks import paste_token_mask, sample_lam
 
 MASKS = ("block", "random", "cutmix")
@@ -208,6 +208,7 @@ class TokenMix(MixMethod):
     """
 
     name: ClassVar[str] = "tokenmix"
+    family: ClassVar[str] = "tokenmix"
 
     def __init__(self, num_classes: int, smoothing: float = 0.1, variant: str = "official", mix_prob: float = 1.0,
                  mask: str = "block", labels: str = "teacher", mask_ratio: float = 0.5, tokenmix_alpha: float = 0.0,
@@ -238,10 +239,9 @@ class TokenMix(MixMethod):
         self.needs = Needs(sample_meta=labels == "teacher")
 
     # -- setup -------------------------------------------------------------------------------
-    def prepare_model(self, model: nn.Module) -> nn.Module:
-        """Record the token grid; raises ValueError when it is too small for the masks (a block
+    def setup_model(self, model: nn.Module) -> nn.Module:
+        """Check the token grid; raises ValueError when it is too small for the masks (a block
         must be smaller than the grid in both directions, so a grid below 2x2 would never mix)."""
-        model = super().prepare_model(model)
         g = self.grid
         if g is not None and (g.rows < 2 or g.cols < 2):
             raise ValueError(f"tokenmix needs a token grid of at least 2x2 for its {self.mask} masks; got "
@@ -255,6 +255,14 @@ class TokenMix(MixMethod):
             from ..teacher import load_teacher_maps
             self.maps = load_teacher_maps(self.dataset, self.img_size, self.teacher, "train", self.data_dir,
                                           self.teacher_cache or None)
+
+    def verify_inputs(self) -> None:
+        """Check that the teacher cache was built from the training images this run reads (same
+        count and pixels; not for the ImageNet image folder). Raises TeacherCacheError."""
+        if self.labels == "teacher" and self.dataset != "imagenet":
+            from ..teacher import verify_cache_data
+            self.prepare_training()
+            verify_cache_data(self.maps, self.dataset, self.img_size, self.data_dir, download=False)
 
     # -- masks -------------------------------------------------------------------------------
     def token_count(self, grid: TokenGrid) -> int:
@@ -274,12 +282,12 @@ class TokenMix(MixMethod):
         return block_mask(grid.rows, grid.cols, count, min_block)
 
     # -- phase 1 ------------------------------------------------------------------------------
-    def mix(self, x: Tensor, y: Tensor, meta: dict[str, Tensor] | None = None) -> MixedBatch:
+    def mix_batch(self, x: Tensor, y: Tensor, meta: dict[str, Tensor] | None = None) -> MixedBatch:
         """Mix a batch. x (B, C, H, W), y (B,); ``meta`` (index, box, flip) for teacher labels."""
-        grid = self._require_grid(x)
+        grid = self.grid
         if self._skip():
             return self.unmixed(x, y)
-        if float(torch.rand(())) >= self.switch_prob:
+        if not draw_switch(self.switch_prob):
             return mixup_batch(x, y, sample_lam(self.mixup_alpha), grid, self.num_classes, self.smoothing)
         if self.mask == "cutmix":
             mixed = cutmix_batch(x, y, sample_lam(self.cutmix_alpha), grid, self.num_classes, self.smoothing)
@@ -314,16 +322,19 @@ class TokenMix(MixMethod):
         mixed.extras.update(own_maps=own, y_own=y_own, y_partner=y_par)
 
     # -- phase 2 ------------------------------------------------------------------------------
-    def loss(self, outputs: ModelOutputs, mixed: MixedBatch) -> tuple[Tensor, dict[str, float]]:
-        """BCE (official) or soft-target CE (paper) against ``mixed.target``."""
-        if self.loss_kind == "bce":
-            loss = binary_cross_entropy(outputs.logits, mixed.target)
-        else:
-            loss = soft_target_cross_entropy(outputs.logits, mixed.target)
+    def label(self, outputs: ModelOutputs, mixed: MixedBatch) -> tuple[Tensor, dict[str, float]]:
+        """``mixed.target`` (the teacher target is known before the forward), with the masses."""
         info = {"lam": float(mixed.lam_area.mean())}
         if "y_own" in mixed.extras:
             info.update(y_own=float(mixed.extras["y_own"].mean()), y_partner=float(mixed.extras["y_partner"].mean()))
-        return loss, info
+        return mixed.target, info
+
+    def loss(self, outputs: ModelOutputs, mixed: MixedBatch) -> tuple[Tensor, dict[str, float]]:
+        """BCE (official) or soft-target CE (paper) against ``mixed.target``."""
+        target, info = self.label(outputs, mixed)
+        if self.loss_kind == "bce":
+            return binary_cross_entropy(outputs.logits, target), info
+        return soft_target_cross_entropy(outputs.logits, target), info
 
     def __repr__(self) -> str:
         return (f"TokenMix(variant={self.variant!r}, mask={self.mask!r}, labels={self.labels!r}, "

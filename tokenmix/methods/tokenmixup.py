@@ -100,6 +100,9 @@ Deviations from the official code (deliberate):
 """
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import torch
@@ -576,11 +579,11 @@ def _inner(attn: nn.Module) -> nn.Module:
 
 class VerticalAttention(nn.Module):
     """Wraps a block's timm ``Attention`` (or CaiT's ``TalkingHeadAttn``): in training, keys and
-    values also include the stored salient tokens of earlier layers (normalised with the block's
-    ``norm1``); in eval mode, and when nothing is stored, plain self-attention. No parameters of
-    its own."""
+    values also include the salient tokens of earlier layers stored during the current forward
+    (``store()`` returns them, normalised here with the block's ``norm1``); in eval mode, and when
+    nothing is stored, plain self-attention. No parameters of its own."""
 
-    def __init__(self, attn: nn.Module, norm: nn.Module, store: list[Tensor]) -> None:
+    def __init__(self, attn: nn.Module, norm: nn.Module, store: Callable[[], list[Tensor]]) -> None:
         super().__init__()
         self.attn, self.store = attn, store
         self._norm = [norm]  # not a submodule: the block owns it (no duplicate parameters)
@@ -595,10 +598,22 @@ class VerticalAttention(nn.Module):
         return self.attn.proj_w
 
     def forward(self, x: Tensor, *args: Any, **kwargs: Any) -> Tensor:
-        if not self.training or not self.store:
+        stored = self.store() if self.training else []
+        if not stored:
             return self.attn(x, *args, **kwargs)
-        extra = self._norm[0](torch.cat(self.store, dim=1))  # (B, L * kappa, D)
+        extra = self._norm[0](torch.cat(stored, dim=1))  # (B, L * kappa, D)
         return cross_attention(self.attn, x, torch.cat([x, extra], dim=1))
+
+
+@dataclass
+class _Forward:
+    """What the hooks share during one training forward (see :meth:`TokenMixup.forward_context`):
+    the input target (read by HTM), HTM's results and VTM's stored tokens (written by the hooks)."""
+
+    target: Tensor
+    out: dict[str, Any] = field(default_factory=dict)
+    store: list[Tensor] = field(default_factory=list)
+    pending: Tensor | None = None
 
 
 class TokenMixup(MixMethod):
@@ -607,12 +622,12 @@ class TokenMixup(MixMethod):
     The input batch is first mixed by the Mixup/CutMix switch (``input_mix="mixup_cutmix"``, the
     paper's CIFAR recipe) or left alone (``"none"``, its ImageNet recipe). Then, in training:
 
-    - **HTM** (``mode`` "htm" or "hvtm"), at the input of block ``horizontal_layer``: ScoreNet
+    - **HTM** (``tokenmixup_mode`` "htm" or "hvtm"), at the input of block ``horizontal_layer``: ScoreNet
       predicts the class from the block input; easy samples (difficulty vs ``tau``) swap the
       tokens where a partner's attention saliency exceeds theirs by more than ``rho``; partners
       by the Hungarian algorithm; labels re-weighted by saliency (Eq. 11). The saliency comes
       from the block's own attention on the detached, unmixed input (no grad).
-    - **VTM** (``mode`` "vtm" or "hvtm"): every block before ``vertical_layer`` stores the
+    - **VTM** (``tokenmixup_mode`` "vtm" or "hvtm"): every block before ``vertical_layer`` stores the
       ``kappa`` most salient tokens of its input; block ``vertical_layer`` attends over its own
       tokens plus the stored ones (cross-attention with its own weights; no new parameters).
 
@@ -639,31 +654,31 @@ class TokenMixup(MixMethod):
     """
 
     name: ClassVar[str] = "tokenmixup"
+    family: ClassVar[str] = "tokenmixup"
 
     def __init__(self, num_classes: int, smoothing: float = 0.1, variant: str = "paper", mix_prob: float = 1.0,
-                 mode: str = "htm", horizontal_layer: int = 2, tau: float = 0.2, rho: float = 0.005,
+                 tokenmixup_mode: str = "htm", horizontal_layer: int = 2, tau: float = 0.2, rho: float = 0.005,
                  scorenet_lambda: float = 0.001, scorenet_stopgrad: bool = False, scorenet_pooling: str = "attention",
                  saliency: str = "auto", gate: str = "official", vertical_layer: int = 2, kappa: int = 3,
                  input_mix: str = "mixup_cutmix", mixup_alpha: float = 0.8, cutmix_alpha: float = 1.0,
                  switch_prob: float = 0.5) -> None:
         super().__init__(num_classes, smoothing, variant, mix_prob)
-        for what, value, valid in (("mode", mode, HTM_MODES), ("input_mix", input_mix, INPUT_MIXES),
+        for what, value, valid in (("tokenmixup_mode", tokenmixup_mode, HTM_MODES), ("input_mix", input_mix, INPUT_MIXES),
                                    ("saliency", saliency, SALIENCY_MODES), ("gate", gate, VARIANTS)):
             if value not in valid:
                 raise ValueError(f"unknown {what} {value!r} for tokenmixup; valid: {', '.join(valid)}")
         if rho < 0 or tau < 0 or scorenet_lambda < 0 or kappa < 1:
             raise ValueError(f"need rho, tau, scorenet_lambda >= 0 and kappa >= 1; got {rho}, {tau}, "
                              f"{scorenet_lambda}, {kappa}")
-        self.mode, self.horizontal_layer, self.tau, self.rho = mode, horizontal_layer, tau, rho
+        self.mode, self.horizontal_layer, self.tau, self.rho = tokenmixup_mode, horizontal_layer, tau, rho
         self.scorenet_lambda, self.scorenet_stopgrad, self.scorenet_pooling = scorenet_lambda, scorenet_stopgrad, scorenet_pooling
         self.saliency, self.gate, self.vertical_layer, self.kappa = saliency, gate, vertical_layer, kappa
         self.input_mix = input_mix
         self.switch = MixupCutMix(num_classes, smoothing, "official", mix_prob, mixup_alpha, cutmix_alpha, switch_prob)
-        self._target: Tensor | None = None  # the input target of the current batch, read by the HTM hook
-        self._state: dict[str, Any] = {}  # what the hooks produced for the current batch
-        self._store: list[Tensor] = []  # VTM tokens of the current forward
-        self._pending: Tensor | None = None  # the input of the block whose attention is being computed
-        self._handles: list[Any] = []
+        self._active: _Forward | None = None  # set only inside forward_context (one training forward)
+        self._handles: list[Any] = []  # the hooks setup_model registered (removed by release_model)
+        self._wrapped: list[tuple[nn.Module, nn.Module]] = []  # (block, its original attention)
+        self._unfused: list[nn.Module] = []  # attention modules switched to unfused attention
 
     @property
     def horizontal(self) -> bool:
@@ -675,6 +690,8 @@ class TokenMixup(MixMethod):
 
     # -- setup -------------------------------------------------------------------------------
     def prepare_model(self, model: nn.Module) -> nn.Module:
+        """Check the backbone, then install HTM's hook, ScoreNet and VTM's wrappers (idempotent;
+        :meth:`release_model` removes them)."""
         family = _backbone_family(model)
         if family in UNSUPPORTED_FAMILIES:
             raise ValueError(
@@ -682,7 +699,9 @@ class TokenMixup(MixMethod):
                 "global self-attention blocks over a fixed token sequence, while "
                 f"{UNSUPPORTED_FAMILIES[family]} {UNSUPPORTED_REASONS[family]}, which breaks HTM's token swap and "
                 f"VTM's cross-attention to stored tokens; supported: {SUPPORTED_FAMILIES}")
-        model = super().prepare_model(model)
+        return super().prepare_model(model)
+
+    def setup_model(self, model: nn.Module) -> nn.Module:
         blocks = getattr(model, "blocks", None)
         if blocks is None:
             raise ValueError(f"tokenmixup needs a model with `blocks` ({SUPPORTED_FAMILIES}), "
@@ -718,13 +737,50 @@ class TokenMixup(MixMethod):
                 # captured at attn_drop (so those blocks run unfused attention), or at proj_w for
                 # talking heads (its input is the softmax, (B, T, T, H))
                 site = sites[i]
-                if hasattr(site.module, "fused_attn"):
+                if getattr(site.module, "fused_attn", False):
                     site.module.fused_attn = False
+                    self._unfused.append(site.module)
                 self._handles.append(blocks[i].register_forward_pre_hook(self._vtm_input_hook(i == 0)))
                 self._handles.append(site.capture.register_forward_pre_hook(self._vtm_attn_hook(site.heads_last)))
             blk = blocks[self.vertical_layer]
-            blk.attn = VerticalAttention(blk.attn, blk.norm1, self._store)
+            self._wrapped.append((blk, blk.attn))
+            blk.attn = VerticalAttention(blk.attn, blk.norm1, self._stored)
         return model
+
+    def release_model(self, model: nn.Module) -> nn.Module:
+        """Remove the hooks, the ScoreNet and the VTM wrapper; restore fused attention."""
+        for h in self._handles:
+            h.remove()
+        for blk, attn in self._wrapped:
+            blk.attn = attn
+        for module in self._unfused:
+            module.fused_attn = True
+        self._handles, self._wrapped, self._unfused = [], [], []
+        if "tokenmixup_scorenet" in model._modules:
+            del model.tokenmixup_scorenet
+        return super().release_model(model)
+
+    def _stored(self) -> list[Tensor]:
+        return self._active.store if self._active is not None else []
+
+    @contextmanager
+    def forward_context(self, mixed: MixedBatch | None) -> Iterator[dict[str, Any]]:
+        """One training forward on ``mixed``: HTM reads ``mixed.target`` and writes its results to
+        the yielded dict (``ModelOutputs.extras["htm"]``: new target, ScoreNet logits, input target,
+        info); VTM stores its tokens for this forward only (``extras["vtm_store"]``: per earlier
+        layer, (B, kappa, D)). Without a batch, a plain forward."""
+        if mixed is None:
+            yield {}
+            return
+        if self._active is not None:
+            raise RuntimeError("tokenmixup: nested training forwards are not supported")
+        self._active = state = _Forward(mixed.target)
+        try:
+            yield state.out
+        finally:
+            self._active = None
+            if state.store:
+                state.out["vtm_store"] = list(state.store)
 
     # -- hooks (training only) ----------------------------------------------------------------
     def _saliency(self, block: nn.Module, x: Tensor) -> Tensor:
@@ -733,54 +789,67 @@ class TokenMixup(MixMethod):
         return saliency_from_attention(attn, self.num_prefix_tokens, self.saliency)
 
     def _htm_hook(self, block: nn.Module, args: tuple[Tensor, ...]) -> tuple[Tensor, ...] | None:
-        if not block.training or self._target is None:
+        state = self._active
+        if not block.training or state is None:
             return None
         x = args[0]
-        target = self._target
+        target = state.target
         logits = self._scorenet(x.detach() if self.scorenet_stopgrad else x)
         easy = easy_samples(difficulty(logits, target, self.gate), self.tau, self.gate)
         sal = self._saliency(block, x)
         new_x, new_target, info = horizontal_mix(x, sal, target, easy, self.rho, self.num_prefix_tokens, self.variant)
-        self._state = {"target": new_target, "scorenet_logits": logits, "target_pre": target, "info": info}
+        state.out["htm"] = {"target": new_target, "scorenet_logits": logits, "target_pre": target, "info": info}
         return (new_x,) + tuple(args[1:])
 
     def _vtm_input_hook(self, first: bool):
         def hook(block: nn.Module, args: tuple[Tensor, ...]) -> None:
+            state = self._active
+            if state is None:
+                return
             if first:
-                self._store.clear()  # a new forward
-            self._pending = args[0] if block.training else None
+                state.store.clear()  # a new forward
+            state.pending = args[0] if block.training else None
         return hook
 
     def _vtm_attn_hook(self, heads_last: bool):
         def hook(_capture: nn.Module, args: tuple[Tensor, ...]) -> None:
-            if self._pending is not None:
+            state = self._active
+            if state is not None and state.pending is not None:
                 a = args[0].detach()
                 if heads_last:  # talking heads: proj_w's input (B, T, T, H) -> (B, H, T, T)
                     a = a.permute(0, 3, 1, 2)
                 sal = saliency_from_attention(a, self.num_prefix_tokens, self.saliency)
-                self._store.append(top_salient_tokens(self._pending, sal, self.kappa, self.num_prefix_tokens))
-                self._pending = None
+                state.store.append(top_salient_tokens(state.pending, sal, self.kappa, self.num_prefix_tokens))
+                state.pending = None
         return hook
 
     # -- phases -------------------------------------------------------------------------------
-    def mix(self, x: Tensor, y: Tensor) -> MixedBatch:
-        self._require_grid(x)
+    def mix_batch(self, x: Tensor, y: Tensor, meta: dict[str, Tensor] | None = None) -> MixedBatch:
         self.switch.grid = self.grid
-        mixed = self.switch.mix(x, y) if self.input_mix == "mixup_cutmix" else self.unmixed(x, y)
-        self._target, self._state = mixed.target, {}
-        return mixed
+        return self.switch.mix_batch(x, y) if self.input_mix == "mixup_cutmix" else self.unmixed(x, y)
+
+    def label(self, outputs: ModelOutputs, mixed: MixedBatch) -> tuple[Tensor, dict[str, float]]:
+        """HTM's target (``outputs.extras["htm"]``) when HTM ran in the forward, else ``mixed.target``."""
+        htm = outputs.extras.get("htm")
+        info: dict[str, float] = {"lam": float(mixed.lam_area.mean())}
+        if htm is None:
+            return mixed.target, info
+        i = htm["info"]
+        info.update(n_mixed=float(i["n_mixed"]), tokens_replaced=float(i["tokens_replaced"]),
+                    saliency_gain=float(i["saliency_gain"]))
+        return htm["target"], info
 
     def loss(self, outputs: ModelOutputs, mixed: MixedBatch) -> tuple[Tensor, dict[str, float]]:
-        state, self._target, self._state = self._state, None, {}
-        target = state.get("target", mixed.target)
+        """Soft-target CE against :meth:`label` + ``scorenet_lambda`` x ScoreNet's soft-target CE
+        against the pre-HTM target."""
+        target, info = self.label(outputs, mixed)
         loss = soft_target_cross_entropy(outputs.logits, target)
-        info: dict[str, float] = {"lam": float(mixed.lam_area.mean())}
-        if "scorenet_logits" in state:
-            sn = soft_target_cross_entropy(state["scorenet_logits"], state["target_pre"])
+        htm = outputs.extras.get("htm")
+        if htm is not None:
+            sn = soft_target_cross_entropy(htm["scorenet_logits"], htm["target_pre"])
             loss = loss + self.scorenet_lambda * sn
-            i = state["info"]
-            info.update(scorenet_loss=float(sn.detach()), n_mixed=float(i["n_mixed"]), tokens_replaced=float(i["tokens_replaced"]),
-                        saliency_gain=float(i["saliency_gain"]))
+            info = {"lam": info["lam"], "scorenet_loss": float(sn.detach()),
+                    **{k: v for k, v in info.items() if k != "lam"}}
         return loss, info
 
     def __repr__(self) -> str:

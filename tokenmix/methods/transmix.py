@@ -51,7 +51,7 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
-from .base import MixedBatch, MixMethod, ModelOutputs, Needs, TokenGrid, mix_targets, soft_target_cross_entropy
+from .base import MixedBatch, MixMethod, ModelOutputs, Needs, TokenGrid, mix_targets
 from .baselines import MixupCutMix
 from ..models.attention import attention_from_qk
 from ..models.backbones import Backbone
@@ -80,6 +80,7 @@ class TransMix(MixMethod):
     """TransMix on top of the Mixup/CutMix switch (see the module docstring)."""
 
     name: ClassVar[str] = "transmix"
+    family: ClassVar[str] = "transmix"
 
     def __init__(self, num_classes: int, smoothing: float = 0.1, variant: str = "official",
                  mix_prob: float = 1.0, mixup_alpha: float = 0.8, cutmix_alpha: float = 1.0,
@@ -90,8 +91,7 @@ class TransMix(MixMethod):
         self.needs = Needs(qk=(-1,))
         self.num_prefix_tokens, self.has_cls = 1, True
 
-    def prepare_model(self, model: nn.Module) -> nn.Module:
-        model = super().prepare_model(model)
+    def setup_model(self, model: nn.Module) -> nn.Module:
         self.mixer.grid = self.grid
         bb = self.backbone = Backbone.of(model)
         last = bb.sites[-1]
@@ -122,9 +122,9 @@ class TransMix(MixMethod):
             return sm.cls_row(), sm.grid
         return sm.received(), (sm.key_grid if sm.site.kind == "reduced" else sm.grid)
 
-    def mix(self, x: Tensor, y: Tensor) -> MixedBatch:
-        self.mixer.grid = self._require_grid(x)  # also when the grid was set directly, not by prepare_model
-        return self.mixer.mix(x, y)
+    def mix_batch(self, x: Tensor, y: Tensor, meta: dict[str, Tensor] | None = None) -> MixedBatch:
+        self.mixer.grid = self.grid  # also when the grid was set directly, not by prepare_model
+        return self.mixer.mix_batch(x, y)
 
     def partner_share(self, attn: Tensor, mixed: MixedBatch, grid: tuple[int, int] | None = None) -> Tensor:
         """The partner's share of the target, (B,), for a box/mask batch and attention (B, N') on
@@ -138,15 +138,14 @@ class TransMix(MixMethod):
             return lam_attn
         return 0.5 * ((1.0 - mixed.lam_area) + lam_attn)
 
-    def loss(self, outputs: ModelOutputs, mixed: MixedBatch) -> tuple[Tensor, dict[str, float]]:
+    def label(self, outputs: ModelOutputs, mixed: MixedBatch) -> tuple[Tensor, dict[str, float]]:
+        """The TransMix target of a box/mask batch; Mixup and unmixed batches keep their area target."""
         if mixed.kind in ("none", "mixup"):
-            loss, info = super().loss(outputs, mixed)
             # report the own share of the target used (the area one) on every batch, so that the
             # engine's per-epoch mean of lam_transmix is not diluted by batches without the key
-            return loss, {**info, "lam_transmix": float(mixed.lam_area.mean())}
+            lam = float(mixed.lam_area.mean())
+            return mixed.target, {"lam": lam, "lam_transmix": lam}
         attn, grid = self.attention(outputs)
         lam_p = self.partner_share(attn, mixed, grid)  # (B,)
         target = mix_targets(mixed.y, mixed.y_partner, 1.0 - lam_p, self.num_classes, self.smoothing)
-        mixed.target = target
-        loss = soft_target_cross_entropy(outputs.logits, target)
-        return loss, {"lam": float(mixed.lam_area.mean()), "lam_transmix": float(1.0 - lam_p.mean())}
+        return target, {"lam": float(mixed.lam_area.mean()), "lam_transmix": float(1.0 - lam_p.mean())}

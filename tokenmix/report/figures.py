@@ -373,28 +373,3 @@ def plot_curves(runs: Sequence[Run] | Run, title: str | None = None, save: str |
         fig.legend(handles, labels, loc="upper center", ncol=min(3, len(labels)), fontsize=7,
                    bbox_to_anchor=(0.5, 0.0), frameon=False)
     return _finish(fig, save)
-
-
-def training_steps(model: torch.nn.Module, method: Any, images: Tensor, labels: Tensor, steps: int, batch_size: int,
-                   lr: float = 1e-3, weight_decay: float = 0.05, seed: int = 0):
-    """A short AdamW training of ``model`` with ``method`` on random batches of ``images`` (normalised
-    (n, C, H, W), no augmentation), for the notebooks' per-step figures. Yields, after each step,
-    ``(step, y, mixed, outputs, state, loss, info)``; ``state`` is a copy of the method's
-    ``_state`` taken before ``loss`` consumed it (TokenMixup's per-batch hook results)."""
-    from ..engine import TrainForward
-    from ..methods import ModelOutputs
-    if steps < 1 or batch_size < 1 or batch_size > len(images):
-        raise ValueError(f"need steps >= 1 and 1 <= batch_size <= {len(images)}, got {steps}, {batch_size}")
-    g = torch.Generator().manual_seed(seed)
-    fwd = TrainForward(model, method.needs).train()
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
-    for step in range(steps):
-        i = torch.randint(0, len(images), (batch_size,), generator=g)
-        mixed = method.mix(images[i], labels[i])
-        out = ModelOutputs(**fwd(mixed.x))
-        state = dict(getattr(method, "_state", None) or {})
-        loss, info = method.loss(out, mixed)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        yield step + 1, labels[i], mixed, out, state, loss, info

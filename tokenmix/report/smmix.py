@@ -22,7 +22,7 @@ from matplotlib.figure import Figure
 from torch import Tensor
 
 from ..methods.base import MixedBatch, TokenGrid
-from .figures import (ArrayLike, training_steps, _class_name, _draw_token_grid, _finish, _imshow, _tensor, token_map_to_pixels,
+from .figures import (ArrayLike, _class_name, _draw_token_grid, _finish, _imshow, _tensor, token_map_to_pixels,
                       unnormalize)
 from .transmix import OWN_COLOUR, PARTNER_COLOUR, _draw_box
 
@@ -119,12 +119,15 @@ def short_run(images: Tensor, labels: Tensor, steps: int = 60, batch_size: int =
     torch.manual_seed(seed)
     model = create_model(model_name, num_classes, images.shape[-1], images.shape[1])
     method = get("smmix", num_classes=num_classes, **dict({"switch_prob": 1.0}, **method_kw))
-    model = method.prepare_model(model)
+    from ..engine import quick_train
+    from ..methods import MixStep
+    mix_step = MixStep(model, method)
+    model = mix_step.model
     method.prepare_training()
     rows = []
-    for step, y, _, out, _, loss, info in training_steps(model, method, images, labels, steps, batch_size, lr,
-                                                          weight_decay, seed):
-        rows.append({"step": step, "loss": float(loss.detach()),
+    for step, y, res in quick_train(mix_step, images, labels, steps, batch_size, lr, weight_decay, seed):
+        info, out = res.info, res.outputs
+        rows.append({"step": step, "loss": float(res.loss.detach()),
                      **{t: info.get(t, float("nan")) for t in LOSS_TERMS}, "window": info.get("window", float("nan")),
                      "batch_top1": 100.0 * float((out.logits.argmax(1) == y).float().mean())})
     df = pd.DataFrame(rows)

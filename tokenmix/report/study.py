@@ -43,7 +43,7 @@ OWN_PAPER: dict[str, str] = {"transmix": "TransMix", "tokenmix": "TokenMix", "to
 #: the columns :func:`results_with_paper` adds
 PAPER_TOP1, PAPER_SOURCE = "paper top-1", "source"
 #: the rows of :func:`plot_gallery` by default (TokenMixup's HTM / VTM act inside the model, so
-#: ``tokenmixup{mode=vtm}`` would show the same images as ``tokenmixup``)
+#: ``tokenmixup{tokenmixup_mode=vtm}`` would show the same images as ``tokenmixup``)
 GALLERY_METHODS: tuple[str, ...] = ("mixup", "cutmix", "transmix", "tl_align", "smmix", "tokenmix", "tokenmixup")
 #: methods whose label needs a forward pass of the model (the gallery shows their pre-forward target)
 FORWARD_LABELS: tuple[str, ...] = ("transmix", "tl_align", "smmix", "tokenmixup")
@@ -398,7 +398,7 @@ def plot_gallery(images: Tensor | np.ndarray, labels: Tensor | Sequence[int], me
             method.maps = maps
         torch.manual_seed(seed)
         with torch.no_grad():
-            mixed = method.mix(x, y, meta) if name == "tokenmix" else method.mix(x, y)
+            mixed = method.mix(x, y, meta)
         rows.append((label, note, mixed, method.grid))
     imgs_all = [unnormalize(m.x, mean, std) for _, _, m, _ in rows]
     cell = 1.25

@@ -29,7 +29,7 @@ from ..analysis import attention_saliency
 from ..methods.base import TokenGrid
 from ..methods.tokenmixup import (TokenMixup, difficulty, easy_samples, htm_mask, match_partners,
                                   token_gains)
-from .figures import (ArrayLike, training_steps, _class_name, _draw_token_grid, _finish, _imshow, _tensor, token_map_to_pixels,
+from .figures import (ArrayLike, _class_name, _draw_token_grid, _finish, _imshow, _tensor, token_map_to_pixels,
                       unnormalize)
 from .transmix import OWN_COLOUR, PARTNER_COLOUR
 
@@ -150,11 +150,10 @@ def htm_example(model: nn.Module, method: TokenMixup, x: Tensor, y: Tensor, tau:
     try:
         model.train()
         with torch.no_grad():
-            mixed = method.mix(x, y)
-            model(mixed.x)
-            state = method._state
+            from ..methods import MixStep
+            res = MixStep(model, method)(x, y)
+            mixed, state = res.mixed, res.outputs.extras["htm"]
             sal = attention_saliency(model, mixed.x, method.horizontal_layer, method.saliency)
-        method._target, method._state = None, {}
         gate = _gate(method)
         diff = difficulty(state["scorenet_logits"], state["target_pre"], gate)
         info = state["info"]
@@ -305,14 +304,17 @@ def curriculum(images: Tensor, labels: Tensor, steps: int = 300, batch_size: int
     kw = dict(method_kw, gate=gate) if "gate" in parameters("tokenmixup") else dict(method_kw)
     method: TokenMixup = get("tokenmixup", num_classes=num_classes, smoothing=smoothing, variant=variant,
                              tau=tau, input_mix=input_mix, horizontal_layer=horizontal_layer, **kw)
-    model = method.prepare_model(model)
+    from ..engine import quick_train
+    from ..methods import MixStep
+    mix_step = MixStep(model, method)
+    model = mix_step.model
     gate = _gate(method)
     rows = []
-    for step, y, _, out, state, loss, info in training_steps(model, method, images, labels, steps, batch_size, lr,
-                                                              weight_decay, seed):
-        diff = difficulty(state["scorenet_logits"], state["target_pre"], gate)
+    for step, y, res in quick_train(mix_step, images, labels, steps, batch_size, lr, weight_decay, seed):
+        htm, info, out = res.outputs.extras["htm"], res.info, res.outputs
+        diff = difficulty(htm["scorenet_logits"], htm["target_pre"], gate)
         rows.append({"step": step, "n_mixed": int(info["n_mixed"]), "tokens_replaced": info["tokens_replaced"],
-                     "difficulty_median": float(diff.median()), "loss": float(loss.detach()),
+                     "difficulty_median": float(diff.median()), "loss": float(res.loss.detach()),
                      "scorenet_loss": info["scorenet_loss"],
                      "batch_top1": 100.0 * float((out.logits.argmax(1) == y).float().mean())})
     return CurriculumRun(pd.DataFrame(rows), model, method, batch_size, float(tau), variant, gate, float(smoothing))

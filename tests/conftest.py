@@ -60,7 +60,7 @@ def teacher_cache(tmp_path_factory):
     """A TokenMix teacher-map cache for ``synthetic`` at 32 px (cnn_small, 1 epoch on 128 images; maps
     of the whole train (512) and test (128) splits), built once per session: ``(data_dir, cache folder)``.
     Tests that modify a cache must work on a copy."""
-    from tokenmix.teacher import build_teacher_maps
+    from tokenmix.train.teacher import build_teacher_maps
     data_dir = tmp_path_factory.mktemp("teacher_data")
     path = build_teacher_maps("synthetic", 32, data_dir=data_dir, epochs=1, train_subset=128, progress=False,
                               device="cpu")

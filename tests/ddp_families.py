@@ -3,8 +3,8 @@ under ``torchrun``; argv: out_dir data_dir config-JSON method[,method...]."""
 import json
 import sys
 
-from tokenmix.config import RunConfig
-from tokenmix.engine import train
+from tokenmix.train.config import RunConfig
+from tokenmix.train.engine import train
 
 out_dir, data_dir, base, names = sys.argv[1], sys.argv[2], json.loads(sys.argv[3]), sys.argv[4].split(",")
 for name in names:

@@ -1,4 +1,4 @@
-"""tokenmix.analysis (TL-Align Eq. 2 / Eq. 13, layerwise ratios, TransMix ratios) on hand-computed
+"""tokenmix.analysis.probes (TL-Align Eq. 2 / Eq. 13, layerwise ratios, TransMix ratios) on hand-computed
 cases and small models, the TransMix / TL-Align figure functions' structure, and the parameters
 cell of the two notebooks that use them."""
 from __future__ import annotations
@@ -18,17 +18,17 @@ import torch  # noqa: E402
 import torch.nn as nn  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 
-from tokenmix import analysis as A  # noqa: E402
 from tokenmix import methods  # noqa: E402
-from tokenmix.methods.base import MixedBatch, ModelOutputs, TokenGrid, mix_targets  # noqa: E402
+from tokenmix.analysis import probes as A  # noqa: E402
+from tokenmix.methods.base import MixedBatch, TokenGrid, mix_targets  # noqa: E402
 from tokenmix.methods.baselines import cutmix_batch  # noqa: E402
 from tokenmix.methods.masks import box_token_share  # noqa: E402
 from tokenmix.methods.tlalign import TLAlign, initial_own_share  # noqa: E402
 from tokenmix.methods.transmix import TransMix  # noqa: E402
 from tokenmix.models import AttentionCapture  # noqa: E402
-from tokenmix.report import (plot_layerwise_ratios, plot_token_presence, plot_transmix_lambdas,  # noqa: E402
-                             show_label_alignment, show_token_masks, show_transmix_samples,
-                             transmix_ratios_table)
+from tokenmix.report.tlalign import plot_layerwise_ratios, plot_token_presence, show_label_alignment
+from tokenmix.report.transmix import (plot_transmix_lambdas, show_token_masks, show_transmix_samples,
+                                      transmix_ratios_table)
 
 ROOT = Path(__file__).resolve().parents[1]
 SIG = lambda v: 1.0 / (1.0 + math.exp(-v))  # noqa: E731

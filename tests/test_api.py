@@ -140,6 +140,10 @@ def test_timm_argument_names_mean_what_they_mean_in_timm(mode, kw):
                                   **{k: v for k, v in kw.items() if v})
     assert method.smoothing == 0.1 and method.mix_prob == 1.0
     mixup_fn = timm.data.Mixup(num_classes=K, label_smoothing=0.1, prob=1.0, mode="batch", **kw)
+    assert (method.smoothing, method.mix_prob) == (mixup_fn.label_smoothing, mixup_fn.mix_prob)
+    for name in ("mixup_alpha", "cutmix_alpha"):
+        if hasattr(method, name):
+            assert getattr(method, name) == getattr(mixup_fn, name)
     y = torch.arange(6)
     lam = 0.7
     ours = tokenmix.methods.base.mix_targets(y, y.flip(0), lam, K, method.smoothing)
@@ -154,6 +158,25 @@ def test_timm_names_reject_what_the_methods_do_not_do():
         tokenmix.methods.get("cutmix", num_classes=K, label_smoothing=0.1, smoothing=0.1)
     with pytest.raises(ValueError, match="no parameter.*cutmix_minmax"):
         tokenmix.methods.get("cutmix", num_classes=K, cutmix_minmax=(0.2, 0.8))
+
+
+@pytest.mark.parametrize("name", tokenmix.methods.available())
+def test_what_reports_ask_of_a_method_is_declared_by_its_class(name):
+    """The report and sweep read these class attributes instead of branching on method names."""
+    import matplotlib.colors
+
+    from tokenmix.report.study import paper_results
+    cls, params = tokenmix.methods.method_class(name), tokenmix.methods.parameters(name)
+    assert set(cls.display_kwargs) <= set(params) and set(cls.fallback_kwargs) <= set(params)
+    assert matplotlib.colors.is_color_like(cls.colour)
+    m = tokenmix.methods.get(name, num_classes=K, **cls.display_kwargs)
+    assert isinstance(m.describe(), str) and m.describe()
+    if cls.paper:  # the paper tables name the method's own paper
+        assert cls.paper in set(paper_results()["paper"])
+    if m.needs.teacher_maps:  # the fallback runs without the teacher cache
+        assert not tokenmix.methods.get(name, num_classes=K, **cls.display_kwargs, **cls.fallback_kwargs).needs.teacher_maps
+    else:
+        assert not cls.fallback_kwargs
 
 
 def _readme_snippet(repo_root: Path) -> str:

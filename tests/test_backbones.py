@@ -8,11 +8,9 @@ import torch.nn.functional as F
 
 from tokenmix import methods
 from tokenmix.methods import forward_outputs
-from tokenmix.methods import ModelOutputs
-from tokenmix.methods.tlalign import propagate_kdim
-from tokenmix.models import (TINY_CONFIGS, AttentionCapture, Backbone, align_labels, create_model,
-                             create_tiny_model, reduce_attention)
-from tokenmix.teacher import TeacherMaps
+from tokenmix.methods.teacher_maps import TeacherMaps
+from tokenmix.methods.tlalign import align_labels, align_site, propagate_kdim
+from tokenmix.models import TINY_CONFIGS, AttentionCapture, Backbone, create_model, create_tiny_model, reduce_attention
 
 FAMILIES = ["deit", "cait", "swin", "pvt_v2", "cct"]
 
@@ -123,7 +121,7 @@ def test_window_sites_match_dense_brute_force(tiny):
     for sm in maps[:2]:
         dense = dense_window_matrix(sm)
         torch.testing.assert_close(dense.sum(-1), torch.ones(2, 64), atol=1e-5, rtol=0)
-        torch.testing.assert_close(sm.align(y), 0.5 * (dense @ y + y), atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(align_site(sm, y), 0.5 * (dense @ y + y), atol=1e-5, rtol=1e-5)
         area = sm.window[0] * sm.window[1]  # mean over the queries of the window
         torch.testing.assert_close(sm.received(), dense.sum(1) / area, atol=1e-6, rtol=1e-5)
 
@@ -133,7 +131,7 @@ def test_reduced_sites_match_brute_force(tiny):
     assert sm.grid == (8, 8) and sm.key_grid == (4, 4)
     y = torch.rand(2, 64, 3)
     keys = torch.stack([y.reshape(2, 4, 2, 4, 2, 3)[:, r, :, c].mean((1, 2)) for r in range(4) for c in range(4)], 1)
-    torch.testing.assert_close(sm.align(y), 0.5 * (sm.attn @ keys + y))
+    torch.testing.assert_close(align_site(sm, y), 0.5 * (sm.attn @ keys + y))
     torch.testing.assert_close(sm.received(), sm.attn.mean(1))
 
 
@@ -147,9 +145,9 @@ def test_global_and_class_readings(tiny):
     torch.testing.assert_close(sm.received(), reduce_attention(raw, "query_mean", 1))
     torch.testing.assert_close(sm.cls_row(), reduce_attention(raw, "cls", 1))
     y = torch.rand(2, 65, 4)
-    torch.testing.assert_close(sm.align(y), 0.5 * (raw.mean(1) @ y + y))
+    torch.testing.assert_close(align_site(sm, y), 0.5 * (raw.mean(1) @ y + y))
     cls_site = capture_all(tiny["cait"].eval(), x)[-1]
-    out = cls_site.align(y)
+    out = align_site(cls_site, y)
     torch.testing.assert_close(out[:, 1:], y[:, 1:])  # patch tokens pass a class-attention block unchanged
     by_hand = torch.stack([cls_site.attn[i, 0] @ y[i] for i in range(2)])  # the CLS query's row
     torch.testing.assert_close(out[:, 0], 0.5 * (by_hand + y[:, 0]))

@@ -1,16 +1,14 @@
 """The overhead benchmark: spec parsing, the kind-weighted median, the CPU memory meter, tiny
 interleaved runs, the suite's targets, files and README block."""
+import math
 import statistics
 
 import pytest
-
-import math
-
 import torch
 
-from tokenmix.bench import (SALIENCY_SPEEDUP_TARGET, TARGETS, BenchResult, BenchSetting, LiveTensorBytes,
-                            SuiteResult, bench_teacher_maps, format_results, kind_weighted_median, parse_spec,
-                            run_suite, step_time_ratios)
+from tokenmix.analysis.bench import (SALIENCY_SPEEDUP_TARGET, TARGETS, BenchResult, BenchSetting, LiveTensorBytes,
+                                      SuiteResult, bench_teacher_maps, format_results, kind_weighted_median, parse_spec,
+                                      run_suite, step_time_ratios)
 
 
 def test_parse_spec_converts_types():

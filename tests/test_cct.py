@@ -114,7 +114,7 @@ def test_wrong_input_size_is_rejected(cct32):
 
 
 def test_config_accepts_cct():
-    from tokenmix.config import ConfigError, RunConfig
+    from tokenmix.train.config import ConfigError, RunConfig
     RunConfig(model="cct_7_3x1", dataset="synthetic", img_size=32)
     with pytest.raises(ConfigError, match="not divisible"):
         RunConfig(model="cct_7_3x1", dataset="synthetic", img_size=31)
@@ -274,8 +274,8 @@ def test_eval_is_deterministic_and_train_is_stochastic():
 
 
 def test_engine_smoke_run(tmp_path):
-    from tokenmix.config import RunConfig
-    from tokenmix.engine import train
+    from tokenmix.train.config import RunConfig
+    from tokenmix.train.engine import train
     cfg = RunConfig(model="cct_7_3x1", method="cutmix", dataset="synthetic", img_size=32, train_subset=32,
                     test_subset=16, epochs=1, batch_size=16, warmup_epochs=0.0, out_dir=str(tmp_path),
                     progress=False)

@@ -96,7 +96,7 @@ def test_help_and_unknown_command(capsys):
 
 
 def test_parser_has_one_typed_option_per_field():
-    from tokenmix.config import RunConfig
+    from tokenmix.train.config import RunConfig
     p = config_parser()
     opts = {a.dest for a in p._actions if a.dest != "help"}
     assert opts == set(RunConfig.field_names())

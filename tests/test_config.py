@@ -7,9 +7,9 @@ import json
 import pytest
 
 from tokenmix import methods
-from tokenmix.config import ConfigError, RunConfig
 from tokenmix.data import DATASETS
 from tokenmix.models import PRESETS
+from tokenmix.train.config import ConfigError, RunConfig
 
 
 def test_defaults_are_valid():

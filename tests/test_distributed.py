@@ -60,9 +60,9 @@ DDP_BASE = dict(dataset="synthetic", img_size=32, model="tiny_deit", train_subse
 
 
 def test_torchrun_matches_one_process_for_every_family(tmp_path, teacher_cache):
-    from tokenmix.config import RunConfig
-    from tokenmix.engine import train
-    from tokenmix.runs import load_run
+    from tokenmix.train.config import RunConfig
+    from tokenmix.train.engine import train
+    from tokenmix.train.runs import load_run
     data_dir, _ = teacher_cache
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1",
            "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}

@@ -9,9 +9,9 @@ import torch
 import torch.nn as nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from tokenmix.config import RunConfig
-from tokenmix.engine import evaluate, load_model, lr_at, open_run_dir, train
-from tokenmix.runs import CHECKPOINT, RunExistsError, atomic_write_json, load_run
+from tokenmix.train.config import RunConfig
+from tokenmix.train.engine import evaluate, load_model, lr_at, open_run_dir, train
+from tokenmix.train.runs import CHECKPOINT, RunExistsError, atomic_write_json, load_run
 
 
 def tiny_cfg(tmp_path, **kw) -> RunConfig:
@@ -128,7 +128,7 @@ def test_resume_rejects_changed_config(tmp_path):
 def test_global_batch_sampler_splits_the_single_process_batches():
     from torch.utils.data import RandomSampler
 
-    from tokenmix.engine import GlobalBatchSampler
+    from tokenmix.train.engine import GlobalBatchSampler
     n, batch, world = 53, 8, 2
     single = list(RandomSampler(range(n), generator=torch.Generator().manual_seed(11)))
     one = GlobalBatchSampler(n, 0, 1, batch, torch.Generator().manual_seed(11))

@@ -15,10 +15,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from tokenmix.config import ConfigError, RunConfig
-from tokenmix.engine import check_batch, preflight, train
-from tokenmix.runs import CHECKPOINT, RunExistsError, load_run
-from tokenmix.teacher import TeacherCacheError
+from tokenmix.methods.teacher_maps import TeacherCacheError
+from tokenmix.train.config import ConfigError, RunConfig
+from tokenmix.train.engine import check_batch, preflight, train
+from tokenmix.train.runs import CHECKPOINT, RunExistsError, load_run
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -53,8 +53,8 @@ def assert_same_run(a: Path, b: Path) -> None:
 # (after the last checkpoint is in place, before metrics.jsonl and summary.json are written).
 KILLER = r"""
 import json, os, signal, sys
-import tokenmix.engine as E
-from tokenmix.config import RunConfig
+import tokenmix.train.engine as E
+from tokenmix.train.config import RunConfig
 
 cfg = RunConfig.from_dict(json.loads(sys.argv[1]))
 moment = sys.argv[2]
@@ -131,7 +131,7 @@ def nan_from(monkeypatch, step: int, method: str | None = None) -> None:
     """Make the loss of every method built by the engine (or of ``method`` only) NaN from its
     ``step``-th training step on (the run's one method object also runs the preflight's dry step,
     which is call 1 and is not counted)."""
-    import tokenmix.engine as E
+    import tokenmix.train.engine as E
     build = E.build_method
 
     def build_nan(cfg, k):
@@ -162,7 +162,7 @@ def test_non_finite_loss_fails_the_run_and_keeps_the_last_good_checkpoint(tmp_pa
 
 
 def test_sweep_goes_on_after_a_non_finite_run(tmp_path, monkeypatch):
-    from tokenmix.sweep import cell_status, load_grid, run_sweep
+    from tokenmix.train.sweep import cell_status, load_grid, run_sweep
     nan_from(monkeypatch, step=1, method="mixup")
     spec = {"name": "nan", "out_dir": str(tmp_path / "runs"), "axes": {"seed": [0]},
             "base": dict(dataset="synthetic", img_size=32, train_subset=32, test_subset=16, epochs=1,

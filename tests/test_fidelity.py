@@ -11,9 +11,9 @@ import torch
 
 matplotlib.use("Agg")
 
-from tokenmix import fidelity  # noqa: E402
-from tokenmix.fidelity import (RULES, TABLE_COLUMNS, fidelity_table, htm_input_mix, oracle_partner_share,  # noqa: E402
-                               pixel_mask, rule_shares, rule_triples, summarize)
+from tokenmix.analysis import fidelity  # noqa: E402
+from tokenmix.analysis.fidelity import (RULES, TABLE_COLUMNS, fidelity_table, htm_input_mix, oracle_partner_share,
+                                        pixel_mask, rule_shares, rule_triples, summarize)
 from tokenmix.methods import TokenGrid, get  # noqa: E402
 from tokenmix.methods.masks import paste_box, paste_token_mask  # noqa: E402
 
@@ -225,6 +225,7 @@ def test_summarize_hand_made():
 
 def test_plot_fidelity_from_table_and_samples(tmp_path):
     import matplotlib.pyplot as plt
+
     from tokenmix.report.fidelity import plot_fidelity
     s = pd.DataFrame({"rule": ["CutMix (area)"] * 4 + ["TL-Align"] * 4, "batch": 0, "sample": [0, 1, 2, 3] * 2,
                       "predicted": [0.1, 0.4, 0.6, 0.9, 0.2, 0.3, 0.5, 0.8], "oracle": [0.2, 0.3, 0.7, 0.8] * 2,
@@ -240,9 +241,9 @@ def test_plot_fidelity_from_table_and_samples(tmp_path):
 
 
 def _fake_run(root, method="cutmix"):
-    from tokenmix.config import RunConfig
-    from tokenmix.engine import build_method
     from tokenmix.models import create_model
+    from tokenmix.train.config import RunConfig
+    from tokenmix.train.engine import build_method
     cfg = RunConfig(method=method, dataset="synthetic", img_size=32, model="vit_cpu", run_id=f"syn-{method}")
     run = root / cfg.run_id
     run.mkdir(parents=True)

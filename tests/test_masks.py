@@ -9,8 +9,8 @@ import timm.data.mixup as timm_mixup
 import torch
 
 from tokenmix.methods.base import TokenGrid
-from tokenmix.methods.masks import (box_lam, box_token_share, paste_box, paste_token_mask,
-                                    pixel_mask_token_share, rand_bbox, sample_lam, token_mask_to_pixels)
+from tokenmix.methods.masks import (box_lam, box_token_share, paste_box, paste_token_mask, pixel_mask_token_share,
+                                    rand_bbox, sample_lam, token_mask_to_pixels)
 
 GRIDS = [TokenGrid(8, 8, 4, 4), TokenGrid(7, 7, 4, 4), TokenGrid(4, 6, 3, 2), TokenGrid(5, 3, 2, 5),
          TokenGrid(3, 4, 5, 3)]

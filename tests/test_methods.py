@@ -471,7 +471,8 @@ def test_constructor_validation(name, kw):
 
 
 def test_register_rejects_a_second_class_under_a_taken_name(monkeypatch):
-    monkeypatch.setattr(methods, "_REGISTRY", dict(methods._REGISTRY))
+    from tokenmix.methods import registry
+    monkeypatch.setattr(registry, "_REGISTRY", dict(registry._REGISTRY))
 
     class Other(MixMethod):
         name = "cutmix"

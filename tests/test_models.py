@@ -8,8 +8,8 @@ import torch
 import torch.nn as nn
 from timm.layers import PatchEmbed
 
-from tokenmix.models import (CCT_PRESETS, CNN_PRESETS, PRESETS, TINY_MODELS, ConvStemEmbed, available_models, count_parameters,
-                             create_model, patch_size_for)
+from tokenmix.models import (CCT_PRESETS, CNN_PRESETS, PRESETS, TINY_MODELS, ConvStemEmbed, available_models,
+                              count_parameters, create_model, patch_size_for)
 
 
 @pytest.mark.parametrize("name", sorted(PRESETS))

@@ -17,10 +17,10 @@ from matplotlib.figure import Figure  # noqa: E402
 
 from tokenmix import methods  # noqa: E402
 from tokenmix.methods import TokenGrid  # noqa: E402
-from tokenmix.report import (OUTPUTS, main, markdown_table, mixed_targets_table, plot_curves,  # noqa: E402
-                             results_markdown, results_table, show_attention, show_images, show_mixed_batch,
-                             summary_table, unnormalize)
-from tokenmix.runs import atomic_write_json, list_runs, load_run, write_metrics  # noqa: E402
+from tokenmix.report import (OUTPUTS, main, markdown_table, mixed_targets_table, plot_curves, results_markdown,
+                             results_table, show_attention, show_images, show_mixed_batch, summary_table)
+from tokenmix.report.figures import unnormalize
+from tokenmix.train.runs import atomic_write_json, list_runs, load_run, write_metrics  # noqa: E402
 
 
 @pytest.fixture(autouse=True)

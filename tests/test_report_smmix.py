@@ -15,10 +15,11 @@ import torch.nn as nn  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 
 from tokenmix import methods  # noqa: E402
+from tokenmix.analysis.experiments import short_run  # noqa: E402
 from tokenmix.methods.base import MixedBatch, TokenGrid  # noqa: E402
 from tokenmix.methods.baselines import cutmix_batch  # noqa: E402
 from tokenmix.models import create_model  # noqa: E402
-from tokenmix.report.smmix import mixed_topk_accuracy, plot_loss_terms, plot_smmix_vs_cutmix, short_run  # noqa: E402
+from tokenmix.report.smmix import mixed_topk_accuracy, plot_loss_terms, plot_smmix_vs_cutmix  # noqa: E402
 
 GRID = TokenGrid(4, 4, 4, 4)  # vit_cpu at 16 px
 

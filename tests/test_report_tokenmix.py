@@ -19,20 +19,21 @@ import torch.nn as nn  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 
 from tokenmix import RunConfig  # noqa: E402
-from tokenmix.analysis import (OCCLUSION_RATIOS, black_level, occlude, occlusion_accuracy,  # noqa: E402
-                               occlusion_count, occlusion_mask, occlusion_ranks)
+from tokenmix.analysis.experiments import occlusion_runs
+from tokenmix.analysis.probes import (OCCLUSION_RATIOS, black_level, occlude, occlusion_accuracy, occlusion_count,
+                                      occlusion_mask, occlusion_ranks)
 from tokenmix.data import DEBIAN_FASHION_MNIST, dataset_info  # noqa: E402
-from tokenmix.engine import load_model  # noqa: E402
 from tokenmix.methods.base import TokenGrid  # noqa: E402
+from tokenmix.methods.teacher_maps import TeacherMaps  # noqa: E402
 from tokenmix.methods.tokenmix import official_token_count  # noqa: E402
 from tokenmix.report import OUTPUTS, main  # noqa: E402
-from tokenmix.report.tokenmix import (OCCLUSION_OUTPUTS, alignment_views, find_occlusion_runs,  # noqa: E402
-                                      find_root, mask_count_statistics, mask_count_table,
-                                      mask_examples, occlusion_curves, occlusion_runs, occlusion_table,
+from tokenmix.report.figures import find_root
+from tokenmix.report.tokenmix import (OCCLUSION_OUTPUTS, alignment_views, find_occlusion_runs, mask_count_statistics,
+                                      mask_count_table, mask_examples, occlusion_curves, occlusion_table,
                                       plot_count_statistics, plot_masks, plot_occlusion, plot_teacher_targets,
                                       sample_mask_counts, show_map_alignment, teacher_mix, write_tokenmix_occlusion)
-from tokenmix.runs import atomic_write_json  # noqa: E402
-from tokenmix.teacher import TeacherMaps  # noqa: E402
+from tokenmix.train.engine import load_model  # noqa: E402
+from tokenmix.train.runs import atomic_write_json  # noqa: E402
 
 GRID = TokenGrid(4, 4, 2, 2)  # 8x8 images, 16 patches
 
@@ -285,7 +286,7 @@ def tiny_run(root, method, dataset="synthetic", img_size=32, **kw):
     cfg = RunConfig(method=method, dataset=dataset, img_size=img_size, train_subset=64, test_subset=32, epochs=1,
                     batch_size=32, warmup_epochs=0.0, out_dir=str(root), run_id=f"{dataset}-{method}", progress=False,
                     **({"method_kwargs": {"labels": "area"}} if method == "tokenmix" else {}), **kw)
-    from tokenmix.engine import train
+    from tokenmix.train.engine import train
     train(cfg)
     return root / cfg.run_id
 
@@ -351,7 +352,7 @@ def test_occlusion_runs_uses_complete_runs_or_trains_tiny_ones(tmp_path, synthet
 def test_load_model_without_the_teacher_cache(tmp_path):
     """A TokenMix run with teacher labels loads for evaluation even when its cache is gone
     (``load_model`` runs ``prepare_model`` only, not ``prepare_training``)."""
-    from tokenmix.engine import train
+    from tokenmix.train.engine import train
     maps_dir = tmp_path / "teacher"
     fake = fake_maps(n=512, k=3, h=8, w=8, classes=10)
     maps_dir.mkdir()

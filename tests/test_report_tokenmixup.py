@@ -17,14 +17,15 @@ import torch.nn as nn  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 
 from tokenmix import methods  # noqa: E402
-from tokenmix.analysis import (attention_rollout, attention_saliency, block_input, gradient_saliency,  # noqa: E402
-                               pool_to_tokens, random_saliency, rollout, saliency_latency)
+from tokenmix.analysis.experiments import curriculum
+from tokenmix.analysis.probes import (attention_rollout, attention_saliency, block_input, gradient_saliency,
+                                      pool_to_tokens, random_saliency, rollout, saliency_latency)
 from tokenmix.methods.base import TokenGrid  # noqa: E402
 from tokenmix.methods.tokenmixup import htm_mask, match_partners, saliency_from_attention, token_gains  # noqa: E402
 from tokenmix.models import create_model  # noqa: E402
 from tokenmix.models.attention import self_attention_map  # noqa: E402
-from tokenmix.report.tokenmixup import (curriculum, htm_example, latency_table, mask_variant_table,  # noqa: E402
-                                        plot_curriculum, plot_htm_example, plot_saliency_comparison)
+from tokenmix.report.tokenmixup import (htm_example, latency_table, mask_variant_table, plot_curriculum,
+                                        plot_htm_example, plot_saliency_comparison)
 
 GRID = TokenGrid(4, 4, 4, 4)  # vit_cpu at 16 px: 4x4 tokens of 4x4 pixels
 

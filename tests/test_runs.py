@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tokenmix import runs as R
+from tokenmix.train import runs as R
 
 
 def test_atomic_write_replaces_and_leaves_no_temp(tmp_path):

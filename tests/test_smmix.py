@@ -201,7 +201,7 @@ def test_bad_placement_raises():
 
 @pytest.mark.parametrize("model", ["vit_cpu", "deit_tiny_patch16_224"])
 def test_engine_trains_smmix(tmp_path, model):
-    from tokenmix.engine import train
+    from tokenmix.train.engine import train
     s = train(RunConfig(method="smmix", model=model, dataset="synthetic", img_size=32, train_subset=64,
                         test_subset=32, epochs=1, batch_size=16, warmup_epochs=0.0, out_dir=str(tmp_path),
                         run_id="r", progress=False, switch_prob=1.0))

@@ -18,12 +18,14 @@ import torch  # noqa: E402
 from tokenmix import methods  # noqa: E402
 from tokenmix.data import dataset_info, make_synthetic  # noqa: E402
 from tokenmix.models import available_models  # noqa: E402
-from tokenmix.report import results_table  # noqa: E402
-from tokenmix.report import study  # noqa: E402
-from tokenmix.report.study import (PAPER_COLUMNS, PAPER_SOURCE, PAPER_TOP1, paper_match, paper_pivot,  # noqa: E402
-                                   paper_results, paper_table_markdown, parse_label, plot_accuracy_vs_time,
-                                   plot_gallery, results_with_paper, write_study_figures)
-from tokenmix.runs import atomic_write_json, list_runs, write_metrics  # noqa: E402
+from tokenmix.report import (
+    results_table,  # noqa: E402
+    study,  # noqa: E402
+)
+from tokenmix.report.study import (PAPER_COLUMNS, PAPER_SOURCE, PAPER_TOP1, paper_match, paper_pivot, paper_results,
+                                   paper_table_markdown, parse_label, plot_accuracy_vs_time, plot_gallery,
+                                   results_with_paper, write_study_figures)
+from tokenmix.train.runs import atomic_write_json, list_runs, write_metrics  # noqa: E402
 
 
 @pytest.fixture(autouse=True)

@@ -5,9 +5,9 @@ from pathlib import Path
 
 import pytest
 
-from tokenmix.config import ConfigError
-from tokenmix.engine import train
-from tokenmix.sweep import cell_status, load_grid, main, run_sweep, smoke_test
+from tokenmix.train.config import ConfigError
+from tokenmix.train.engine import train
+from tokenmix.train.sweep import cell_status, load_grid, main, run_sweep, smoke_test
 
 REPO = Path(__file__).resolve().parents[1]
 TINY_BASE = dict(dataset="synthetic", img_size=32, model="tiny_deit", train_subset=32, test_subset=16,

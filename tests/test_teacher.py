@@ -1,4 +1,4 @@
-"""TokenMix teacher maps (tokenmix.teacher): alignment with the applied crop / flip, normalisation,
+"""TokenMix teacher maps (tokenmix.train.teacher): alignment with the applied crop / flip, normalisation,
 class activation maps, the versioned cache, the CLI, and the sample metadata of tokenmix.data.
 
 Expected values come from independent computations: pixel-level brute force (upsample, pad, crop,
@@ -15,11 +15,12 @@ import torch
 from torch.utils.data import DataLoader, TensorDataset
 
 from tokenmix.__main__ import main
-from tokenmix.data import (InMemoryImages, TensorTransform, build_datasets, load_split, make_synthetic,
-                           subset_indices, with_sample_meta)
+from tokenmix.data import (InMemoryImages, TensorTransform, build_datasets, load_split, make_synthetic, subset_indices,
+                           with_sample_meta)
+from tokenmix.methods.teacher_maps import (CACHE_FORMAT, TeacherCacheError, align_maps, cache_dir,
+                                           class_activation_maps, load_teacher_maps, normalise_over_space)
 from tokenmix.models import create_model
-from tokenmix.teacher import (CACHE_FORMAT, TeacherCacheError, align_maps, build_teacher_maps, cache_dir,
-                              class_activation_maps, load_teacher_maps, normalise_over_space)
+from tokenmix.train.teacher import build_teacher_maps
 
 CMD = "python -m tokenmix teacher"
 
@@ -375,7 +376,7 @@ def test_build_from_a_state_dict_checkpoint_reproduces_the_maps(teacher_cache, t
 def test_build_from_a_vit_run_folder(tmp_path):
     """A tokenmix run folder (a ViT trained by the engine) as the teacher: maps on its token grid."""
     from tokenmix import RunConfig
-    from tokenmix.engine import train
+    from tokenmix.train.engine import train
     train(RunConfig(method="cutmix", dataset="synthetic", img_size=32, train_subset=64, test_subset=32, epochs=1,
                     batch_size=32, warmup_epochs=0.0, out_dir=str(tmp_path / "runs"), run_id="vit", progress=False))
     out = build_teacher_maps("synthetic", 32, "vit_cpu", data_dir=tmp_path, checkpoint=str(tmp_path / "runs" / "vit"),

@@ -11,17 +11,17 @@ import math
 
 import pytest
 import torch
-
 from helpers import make_method
+
 from tokenmix import methods
-from tokenmix.config import ConfigError, RunConfig
-from tokenmix.engine import build_method, train
 from tokenmix.methods import forward_outputs
 from tokenmix.methods.base import MixedBatch, ModelOutputs, TokenGrid, mix_targets, one_hot
-from tokenmix.methods.tlalign import (TLAlign, final_label, initial_own_share, propagate_kdim,
-                                      propagate_scalar)
-from tokenmix.models import AttentionCapture, QKCapture, attention_apply, attention_from_qk, attention_modules, create_model
-from tokenmix.runs import load_run
+from tokenmix.methods.tlalign import TLAlign, final_label, initial_own_share, propagate_kdim, propagate_scalar
+from tokenmix.models import (AttentionCapture, QKCapture, attention_apply, attention_from_qk, attention_modules,
+                             create_model)
+from tokenmix.train.config import ConfigError, RunConfig
+from tokenmix.train.engine import build_method, train
+from tokenmix.train.runs import load_run
 
 K = 10
 

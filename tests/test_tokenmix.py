@@ -12,16 +12,16 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-
 from helpers import make_method
+
 from tokenmix import methods
-from tokenmix.config import RunConfig
-from tokenmix.engine import train
 from tokenmix.methods import tokenmix as tm
 from tokenmix.methods.base import ModelOutputs, TokenGrid
 from tokenmix.methods.tokenmix import (TokenMix, block_mask, official_target, official_token_count, paper_target,
                                        paper_token_count, random_mask, scaled_min_tokens, teacher_masses)
-from tokenmix.runs import load_run
+from tokenmix.train.config import RunConfig
+from tokenmix.train.engine import train
+from tokenmix.train.runs import load_run
 
 K = 10
 ASPECT = 0.3  # the official aspect-ratio range is [0.3, 1 / 0.3]
@@ -441,12 +441,11 @@ def test_area_labels_need_no_meta():
         expected[b, Y[B - 1 - b]] += (1 - lam[b]) * (on - off)
     torch.testing.assert_close(mixed.target, expected)  # the area (CutMix-style) target
     loss, info = m.loss(ModelOutputs(logits=torch.randn(B, K)), mixed)
-    label_target = m.label(ModelOutputs(logits=torch.randn(B, K)), mixed)[0]
     assert "y_own" not in info and math.isfinite(float(loss))
 
 
 def test_teacher_labels_without_meta_fail_clearly(tmp_path):
-    from tokenmix.teacher import TeacherCacheError
+    from tokenmix.methods.teacher_maps import TeacherCacheError
     m = make(switch_prob=1.0, data_dir=str(tmp_path))
     m.maps = FakeMaps(8, 16)
     with pytest.raises(ValueError, match="meta"):
@@ -457,7 +456,7 @@ def test_teacher_labels_without_meta_fail_clearly(tmp_path):
 
 
 def test_prepare_training_without_cache_names_the_build_command(tmp_path):
-    from tokenmix.teacher import TeacherCacheError
+    from tokenmix.methods.teacher_maps import TeacherCacheError
     m = methods.get("tokenmix", num_classes=K, dataset="synthetic", img_size=16, data_dir=str(tmp_path))
     with pytest.raises(TeacherCacheError, match="python -m tokenmix teacher --dataset synthetic --img_size 16"):
         m.prepare_training()
@@ -467,7 +466,7 @@ def test_prepare_training_without_cache_names_the_build_command(tmp_path):
 
 
 def test_prepare_training_opens_the_cache(teacher_cache):
-    from tokenmix.teacher import TeacherMaps
+    from tokenmix.methods.teacher_maps import TeacherMaps
     data_dir, path = teacher_cache
     m = methods.get("tokenmix", num_classes=K, dataset="synthetic", img_size=32, data_dir=str(data_dir))
     m.prepare_training()

@@ -18,19 +18,9 @@ import torch
 import torch.nn as nn
 
 from tokenmix.methods.base import one_hot
-from tokenmix.methods.tokenmixup import (
-    ScoreNet,
-    cross_attention,
-    difficulty,
-    easy_samples,
-    horizontal_mix,
-    htm_label,
-    htm_mask,
-    match_partners,
-    saliency_from_attention,
-    token_gains,
-    top_salient_tokens,
-)
+from tokenmix.methods.tokenmixup import (ScoreNet, cross_attention, difficulty, easy_samples, horizontal_mix, htm_label,
+                                         htm_mask, match_partners, saliency_from_attention, token_gains,
+                                         top_salient_tokens)
 
 K = 5
 
@@ -485,7 +475,7 @@ import copy  # noqa: E402
 from tokenmix import RunConfig, methods  # noqa: E402
 from tokenmix.methods import ModelOutputs  # noqa: E402
 from tokenmix.methods.base import soft_target_cross_entropy  # noqa: E402
-from tokenmix.methods.tokenmixup import TokenMixup, VerticalAttention  # noqa: E402
+from tokenmix.methods.tokenmixup import VerticalAttention  # noqa: E402
 from tokenmix.models import create_model  # noqa: E402
 
 
@@ -637,7 +627,7 @@ def test_works_on_timm_deit_with_a_cls_token(deit_tiny_32):
 
 @pytest.mark.parametrize("mode", ["htm", "vtm", "hvtm"])
 def test_engine_trains_every_mode(tmp_path, mode):
-    from tokenmix.engine import train
+    from tokenmix.train.engine import train
     s = train(RunConfig(method="tokenmixup", method_kwargs={"tokenmixup_mode": mode}, dataset="synthetic", img_size=32,
                         train_subset=64, test_subset=32, epochs=1, batch_size=16, warmup_epochs=0.0,
                         out_dir=str(tmp_path), run_id=mode, progress=False))

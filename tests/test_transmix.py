@@ -11,17 +11,16 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-
 from helpers import make_method
+
 from tokenmix import methods
-from tokenmix.config import RunConfig
-from tokenmix.engine import train
 from tokenmix.methods import forward_outputs
 from tokenmix.methods.base import MixedBatch, ModelOutputs, TokenGrid, mix_targets, one_hot
-from tokenmix.methods.baselines import cutmix_batch
 from tokenmix.methods.transmix import TransMix, attention_partner_share, nearest_partner_mask
 from tokenmix.models import AttentionCapture, create_model
-from tokenmix.runs import load_run
+from tokenmix.train.config import RunConfig
+from tokenmix.train.engine import train
+from tokenmix.train.runs import load_run
 
 K = 10
 GRIDS = [TokenGrid(4, 4, 4, 4), TokenGrid(7, 7, 4, 4), TokenGrid(6, 4, 4, 8), TokenGrid(3, 5, 6, 2)]

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
-from . import data, methods
-from .config import ConfigError, RunConfig
-from .methods import MixStep, StepOutput
-from .models import AttentionCapture, create_model
+from tokenmix import data, methods
+from tokenmix.methods import MixStep, StepOutput
+from tokenmix.models import AttentionCapture, create_model
+from tokenmix.train.config import ConfigError, RunConfig
 
 __all__ = ["AttentionCapture", "ConfigError", "MixStep", "RunConfig", "StepOutput", "__version__", "create_model",
            "data", "methods"]

@@ -22,7 +22,16 @@ import json
 import sys
 import typing
 
-from .config import ConfigError, RunConfig
+from tokenmix import methods
+from tokenmix.analysis.bench import format_results, run_suite, step_time_ratios
+from tokenmix.methods.teacher_maps import DEFAULT_TEACHER, TeacherCacheError
+from tokenmix.models import CCT_PRESETS, CNN_PRESETS, PRESETS, TIMM_FAMILIES, TINY_MODELS, available_models
+from tokenmix.report import main as report_main
+from tokenmix.train.config import ConfigError, RunConfig
+from tokenmix.train.engine import train
+from tokenmix.train.runs import RunExistsError
+from tokenmix.train.sweep import main as sweep_main
+from tokenmix.train.teacher import build_teacher_maps
 
 
 def _parse_bool(s: str) -> bool:
@@ -78,7 +87,6 @@ def _bench(argv: list[str]) -> int:
     p.add_argument("--memory", action="store_true", help="with --methods: also measure peak memory")
     p.add_argument("--device", default="cpu", help="cpu (default), cuda or auto")
     args = p.parse_args(argv)
-    from .bench import format_results, run_suite, step_time_ratios
     try:
         if not args.methods:
             suite = run_suite(data_dir=args.data_dir, device=args.device, log=lambda m: print(m, flush=True))
@@ -99,7 +107,6 @@ def _bench(argv: list[str]) -> int:
 
 
 def _teacher(argv: list[str]) -> int:
-    from .teacher import DEFAULT_TEACHER, build_teacher_maps
     p = argparse.ArgumentParser(prog="python -m tokenmix teacher",
                                 description="Train (or load) a teacher and cache its top-k class activation maps "
                                             "for TokenMix labels (one cache per dataset, resolution and teacher).")
@@ -137,13 +144,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"tokenmix: unknown command {cmd!r}; valid: {', '.join(commands)}", file=sys.stderr)
         return 2
     if cmd == "methods":
-        from . import methods
         for name in methods.available():
             params = {k: v for k, v in methods.parameters(name).items() if k != "num_classes"}
             print(f"{name:14s} " + ", ".join(f"{k}={v!r}" for k, v in params.items()))
         return 0
     if cmd == "models":
-        from .models import CCT_PRESETS, CNN_PRESETS, PRESETS, available_models
         for name, preset in PRESETS.items():
             print(f"{name:16s} {preset.description}")
         for name, cct in CCT_PRESETS.items():
@@ -151,7 +156,6 @@ def main(argv: list[str] | None = None) -> int:
         for name, (_, desc) in CNN_PRESETS.items():
             print(f"{name:16s} {desc}")
         n_presets = len(PRESETS) + len(CCT_PRESETS) + len(CNN_PRESETS)
-        from .models import TIMM_FAMILIES, TINY_MODELS
         print(f"{', '.join(TINY_MODELS)}: tiny models of each backbone family (tests, smoke runs)")
         n = len(available_models()) - n_presets - len(TINY_MODELS)
         print(f"... and {n} timm models ({', '.join(p + '*' for p in TIMM_FAMILIES)})")
@@ -161,10 +165,8 @@ def main(argv: list[str] | None = None) -> int:
     if cmd == "teacher":
         return _teacher(rest)
     if cmd == "sweep":
-        from .sweep import main as sweep_main
         return sweep_main(rest)
     if cmd == "report":
-        from .report import main as report_main
         return report_main(rest)
     args = vars(config_parser().parse_args(rest))
     try:
@@ -172,9 +174,6 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"tokenmix: error: {e}", file=sys.stderr)
         return 2
-    from .engine import train
-    from .runs import RunExistsError
-    from .teacher import TeacherCacheError
     try:
         train(cfg)
     except (ConfigError, RunExistsError, TeacherCacheError) as e:  # bad input: one line, no traceback

@@ -23,7 +23,7 @@ maps): with ``with_meta=True`` a training set returns ``(image, label, meta)`` w
 the region of the stored (size-fitted) source image that the output shows, in normalised source
 coordinates (it extends past [0, 1] where a padded crop shows padding); ``flip`` says the output
 was then mirrored left-right. RandAugment's geometric ops are not recorded (see
-:mod:`tokenmix.teacher`).
+:mod:`tokenmix.train.teacher`).
 """
 from __future__ import annotations
 
@@ -38,8 +38,14 @@ from typing import Callable
 import numpy as np
 import torch
 import torch.nn.functional as F
+import torchvision.transforms.functional as TF
+from PIL import Image
+from timm.data import create_transform
+from timm.data.auto_augment import rand_augment_transform
 from torch import Tensor
 from torch.utils.data import Dataset
+from torchvision.datasets import CIFAR10, CIFAR100, FashionMNIST, ImageFolder
+from torchvision.transforms import Compose, InterpolationMode, RandomResizedCrop
 
 DATASETS: tuple[str, ...] = ("fashion_mnist", "cifar10", "cifar100", "imagenet", "synthetic")
 DEBIAN_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
@@ -114,7 +120,6 @@ def load_fashion_mnist(data_dir: str | Path, train: bool, download: bool = False
     dirs = fashion_mnist_dirs(data_dir)
     img, lab = _find_idx(dirs, f"{prefix}-images-idx3-ubyte"), _find_idx(dirs, f"{prefix}-labels-idx1-ubyte")
     if (img is None or lab is None) and download:
-        from torchvision.datasets import FashionMNIST
         try:
             FashionMNIST(str(data_dir), train=train, download=True)
         except Exception as e:  # network errors and the like
@@ -133,7 +138,6 @@ def load_cifar(data_dir: str | Path, num_classes: int, train: bool, download: bo
     sub = "cifar-10-batches-py" if num_classes == 10 else "cifar-100-python"
     root = Path(data_dir) / sub
     if not root.is_dir() and download:
-        from torchvision.datasets import CIFAR10, CIFAR100
         (CIFAR10 if num_classes == 10 else CIFAR100)(str(data_dir), train=train, download=True)
     if not root.is_dir():
         raise FileNotFoundError(f"{root} not found; pass download=True (needs internet) or put the "
@@ -207,7 +211,6 @@ class TensorTransform:
         self.std = torch.tensor(std, dtype=torch.float32).view(-1, 1, 1) * 255
         self.randaugment: Callable | None = None
         if randaugment and train:
-            from timm.data.auto_augment import rand_augment_transform
             # fill colour of the geometric ops; a grey ("L") image needs a one-element fill
             fill = (124, 116, 104) if len(mean) != 1 else (round(255 * mean[0]),)
             self.randaugment = rand_augment_transform(randaugment, {"img_mean": fill})
@@ -221,7 +224,6 @@ class TensorTransform:
         box, flipped = (0.0, 0.0, 1.0, 1.0), False
         if self.train:
             if self.randaugment is not None:
-                from PIL import Image
                 arr = img.permute(1, 2, 0).numpy()
                 pil = Image.fromarray(arr[..., 0] if arr.shape[-1] == 1 else arr)
                 arr = np.asarray(self.randaugment(pil))
@@ -347,12 +349,10 @@ class CropFlipWithMeta:
     transform, made observable."""
 
     def __init__(self, img_size: int, hflip: float = 0.5) -> None:
-        from torchvision.transforms import InterpolationMode, RandomResizedCrop
         self.rrc = RandomResizedCrop(img_size, interpolation=InterpolationMode.BICUBIC)
         self.hflip = hflip
 
     def __call__(self, img):  # PIL image -> (PIL image, box, flipped)
-        import torchvision.transforms.functional as TF
         w, h = img.size
         top, left, ch, cw = self.rrc.get_params(img, self.rrc.scale, self.rrc.ratio)
         out = TF.resized_crop(img, top, left, ch, cw, self.rrc.size, self.rrc.interpolation)
@@ -380,9 +380,6 @@ class ImageFolderWithMeta(Dataset):
 
 def _image_folder(root: Path, img_size: int, randaugment: str, info: DatasetInfo,
                   train_meta: bool = False) -> tuple[Dataset, Dataset]:
-    from timm.data import create_transform
-    from torchvision.datasets import ImageFolder
-    from torchvision.transforms import Compose
     for split in ("train", "val"):
         if not (root / split).is_dir():
             raise FileNotFoundError(f"ImageNet folder {root / split} not found; set data_dir to a folder "

@@ -33,6 +33,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
+from tokenmix.models.backbones import Backbone
+
 
 @dataclass(frozen=True)
 class TokenGrid:
@@ -56,7 +58,6 @@ class TokenGrid:
     def from_model(cls, model: nn.Module) -> "TokenGrid":
         """The patch-embedding grid of a supported backbone (ViT/DeiT/CCT, CaiT, Swin, PVT v2; see
         :class:`tokenmix.models.backbones.Backbone`)."""
-        from ..models.backbones import Backbone
         return cls(*Backbone.of(model).input_grid)
 
     @classmethod
@@ -135,6 +136,8 @@ class Needs:
         sample_meta: the method's ``mix`` needs each sample's metadata (``meta`` = dataset index,
             crop box, flip; see :mod:`tokenmix.data`), e.g. to look up TokenMix's teacher maps.
             The training set then yields it (every method takes ``mix(x, y, meta)``; the others ignore it).
+        teacher_maps: the method reads a teacher-map cache (:mod:`tokenmix.methods.teacher_maps`,
+            built by ``python -m tokenmix teacher``) through its ``maps`` attribute.
     """
 
     attention_blocks: tuple[int, ...] = ()
@@ -142,6 +145,7 @@ class Needs:
     tokens: bool = False
     qk: bool | tuple[int, ...] = False
     sample_meta: bool = False
+    teacher_maps: bool = False
 
 
 def one_hot(y: Tensor, num_classes: int, smoothing: float = 0.0) -> Tensor:
@@ -230,8 +234,20 @@ class MixMethod:
     needs: Needs = Needs()
     #: the method trains parameters that some batches leave unused (DDP's ``find_unused_parameters``)
     idle_parameters: ClassVar[bool] = False
-    #: the paper the method belongs to, for reports ("baseline" for none / Mixup / CutMix)
-    family: ClassVar[str] = "baseline"
+    #: the paper that proposed the method, as the report's paper tables name it ("" for the baselines)
+    paper: ClassVar[str] = ""
+    #: one line saying what the method does to a batch, for figure legends (see :meth:`describe`)
+    summary: ClassVar[str] = "no mixing"
+    #: the method's colour in figures (a matplotlib colour)
+    colour: ClassVar[str] = "0.4"
+    #: whether the mixed-sample gallery shows the method (False where its images repeat another row's)
+    gallery: ClassVar[bool] = False
+    #: constructor overrides that show the method's own mask in figures (e.g. ``switch_prob=1``:
+    #: its own branch, not the Mixup it switches with)
+    display_kwargs: ClassVar[dict[str, Any]] = {}
+    #: constructor overrides under which the method runs without external inputs (TokenMix without
+    #: a teacher cache: area labels); figures use them when those inputs are missing
+    fallback_kwargs: ClassVar[dict[str, Any]] = {}
 
     def __init__(self, num_classes: int, smoothing: float = 0.1, variant: str = "official",
                  mix_prob: float = 1.0) -> None:
@@ -251,6 +267,10 @@ class MixMethod:
         self.grid: TokenGrid | None = None
 
     # -- setup -------------------------------------------------------------------------------
+    def describe(self) -> str:
+        """One line on what this configured method does to a batch (default: :attr:`summary`)."""
+        return self.summary
+
     def prepare_model(self, model: nn.Module) -> nn.Module:
         """Make ``model`` ready for this method and return it: record its token grid, then
         :meth:`setup_model`. Idempotent: a model this method already prepared is returned as it

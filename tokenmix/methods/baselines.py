@@ -19,8 +19,8 @@ from typing import ClassVar
 import torch
 from torch import Tensor
 
-from .base import MixedBatch, MixMethod, TokenGrid, flip_pairing, mix_targets
-from .masks import box_lam, box_token_share, paste_box, rand_bbox, sample_lam
+from tokenmix.methods.base import MixedBatch, MixMethod, TokenGrid, flip_pairing, mix_targets
+from tokenmix.methods.masks import box_lam, box_token_share, paste_box, rand_bbox, sample_lam
 
 SNAPS = ("pixel", "token")
 
@@ -79,6 +79,9 @@ class Mixup(MixMethod):
     """Mixup on every batch (with probability ``mix_prob``); lam ~ Beta(mixup_alpha)."""
 
     name: ClassVar[str] = "mixup"
+    colour: ClassVar[str] = "tab:orange"
+    summary: ClassVar[str] = "Mixup: λ·x + (1−λ)·x' for the whole image"
+    gallery: ClassVar[bool] = True
 
     def __init__(self, num_classes: int, smoothing: float = 0.1, variant: str = "official",
                  mix_prob: float = 1.0, mixup_alpha: float = 0.8) -> None:
@@ -97,6 +100,9 @@ class CutMix(MixMethod):
     """CutMix on every batch (with probability ``mix_prob``); lam ~ Beta(cutmix_alpha)."""
 
     name: ClassVar[str] = "cutmix"
+    colour: ClassVar[str] = "tab:green"
+    summary: ClassVar[str] = "CutMix: a box; area target"
+    gallery: ClassVar[bool] = True
 
     def __init__(self, num_classes: int, smoothing: float = 0.1, variant: str = "official",
                  mix_prob: float = 1.0, cutmix_alpha: float = 1.0, cutmix_snap: str = "pixel") -> None:
@@ -120,6 +126,8 @@ class MixupCutMix(MixMethod):
     (DeiT recipe: mixup_alpha 0.8, cutmix_alpha 1.0, switch_prob 0.5)."""
 
     name: ClassVar[str] = "mixup_cutmix"
+    colour: ClassVar[str] = "tab:olive"
+    summary: ClassVar[str] = "Mixup or CutMix (p=0.5); area target"
 
     def __init__(self, num_classes: int, smoothing: float = 0.1, variant: str = "official",
                  mix_prob: float = 1.0, mixup_alpha: float = 0.8, cutmix_alpha: float = 1.0,

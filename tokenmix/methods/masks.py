@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .base import TokenGrid
+from tokenmix.methods.base import TokenGrid
 
 Box = tuple[int, int, int, int]
 

@@ -2,8 +2,8 @@
 
 Paper: Chen et al., "SMMix: Self-Motivated Image Mixing for Vision Transformers", ICCV 2023
 (https://arxiv.org/abs/2212.12977), Eqs. 6-15. Official code: https://github.com/ChenMnZ/SMMix
-(``smmix.py``, ``engine.py``). Developer notes: ``../shared/reference/official-implementations.md``
-section 4.
+(``smmix.py``, ``engine.py``). The paper-vs-code differences are listed below and in the
+constructor's ``variant`` argument.
 
 Per batch (flip pairing): with probability ``switch_prob`` an SMMix batch, else Mixup
 (lambda ~ Beta(mixup_alpha), soft-target CE only). An SMMix batch:
@@ -54,12 +54,12 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..models.attention import AttentionCapture
-from ..models.backbones import Backbone
-from .base import (MixedBatch, MixMethod, ModelOutputs, Needs, TokenGrid, flip_pairing, mix_targets, one_hot,
-                   soft_target_cross_entropy)
-from .baselines import draw_switch, mixup_batch
-from .masks import sample_lam, token_mask_to_pixels
+from tokenmix.methods.base import (MixedBatch, MixMethod, ModelOutputs, Needs, TokenGrid, flip_pairing, mix_targets,
+                                    one_hot, soft_target_cross_entropy)
+from tokenmix.methods.baselines import draw_switch, mixup_batch
+from tokenmix.methods.masks import sample_lam
+from tokenmix.models.attention import AttentionCapture
+from tokenmix.models.backbones import Backbone
 
 SOURCES = ("max", "random")
 DESTINATIONS = ("min", "max", "same")
@@ -169,6 +169,10 @@ def consistency_loss(logits: Tensor, z_own: Tensor, z_partner: Tensor, lam: Tens
     return F.kl_div(F.log_softmax(logits.float(), -1), teacher, reduction="batchmean")
 
 
+#: the three loss terms SMMix reports in its ``info`` (Eq. 10: L = L_cls + L_fine + L_con)
+LOSS_TERMS: tuple[str, ...] = ("l_cls", "l_fine", "l_con")
+
+
 class SMMix(MixMethod):
     """SMMix (see the module docstring).
 
@@ -182,7 +186,11 @@ class SMMix(MixMethod):
     """
 
     name: ClassVar[str] = "smmix"
-    family: ClassVar[str] = "smmix"
+    colour: ClassVar[str] = "tab:brown"
+    paper: ClassVar[str] = "SMMix"
+    summary: ClassVar[str] = "max-min attention windows of an untrained model; area target (+ token and consistency losses)"
+    gallery: ClassVar[bool] = True
+    display_kwargs: ClassVar[dict[str, Any]] = {'switch_prob': 1.0}
     idle_parameters: ClassVar[bool] = True  # the token head is idle on Mixup batches (DDP)
 
     def __init__(self, num_classes: int, smoothing: float = 0.1, variant: str = "official", mix_prob: float = 1.0,

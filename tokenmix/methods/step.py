@@ -24,8 +24,9 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
-from ..models.attention import AttentionCapture, QKCapture
-from .base import MixedBatch, MixMethod, ModelOutputs, Needs
+from tokenmix.methods.base import MixedBatch, MixMethod, ModelOutputs, Needs
+from tokenmix.methods.registry import get
+from tokenmix.models.attention import AttentionCapture, QKCapture
 
 
 def forward_outputs(model: nn.Module, needs: Needs, x: Tensor) -> ModelOutputs:
@@ -91,7 +92,6 @@ class MixStep(nn.Module):
     def __init__(self, model: nn.Module, method: MixMethod | str, amp: bool = False, **method_kwargs: Any) -> None:
         super().__init__()
         if isinstance(method, str):
-            from . import get
             method_kwargs.setdefault("num_classes", _num_classes(model))
             method = get(method, **method_kwargs)
         elif method_kwargs:

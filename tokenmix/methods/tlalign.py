@@ -35,7 +35,7 @@ target).
 
 Backbones (:class:`~tokenmix.models.backbones.Backbone`; paper Sec. 3.3 and Table 10): ViT/DeiT
 and CCT use the fast paths above. CaiT, Swin and PVT v2 go through
-:func:`~tokenmix.models.backbones.align_labels`, which applies ``Y <- (Ā Y + Y) / 2`` at every
+:func:`align_labels`, which applies ``Y <- (Ā Y + Y) / 2`` at every
 attention site in its own layout: CaiT's talking-heads self-attention blocks over the patch
 tokens (with their softmax map, see the backbones module), then its class-attention blocks,
 where the CLS token enters with the area label and only its row is updated; Swin's window
@@ -52,16 +52,16 @@ Deviations from the official code: attention from timm's blocks via
 """
 from __future__ import annotations
 
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import torch
 import torch.nn as nn
 from torch import Tensor
 
-from .base import MixedBatch, MixMethod, ModelOutputs, Needs, mix_targets, one_hot
-from .baselines import CutMix, MixupCutMix
-from ..models.attention import attention_from_qk, attention_modules
-from ..models.backbones import Backbone, align_labels
+from tokenmix.methods.base import MixedBatch, MixMethod, ModelOutputs, Needs, mix_targets, one_hot
+from tokenmix.methods.baselines import CutMix, MixupCutMix
+from tokenmix.models.attention import attention_from_qk, attention_modules
+from tokenmix.models.backbones import Backbone, SiteMap
 
 PATHS: tuple[str, ...] = ("scalar", "kdim")
 SOURCES: tuple[str, ...] = ("auto", "maps", "qk")
@@ -118,11 +118,55 @@ def final_label(rows: Tensor, num_prefix_tokens: int, cls: bool | None = None) -
     return rows[:, 0] if cls else rows[:, num_prefix_tokens:].mean(1)
 
 
+def align_site(site_map: SiteMap, labels: Tensor) -> Tensor:
+    """TL-Align's update ``Y <- (A Y + Y) / 2`` at one attention site, on its token layout.
+
+    Args:
+        site_map: the site's captured map (:class:`~tokenmix.models.backbones.SiteMap`).
+        labels: (B, P + N, C) token labels (prefix rows first, then the stage grid row-major);
+            C = K for label rows or 1 for the scalar own share.
+    Returns:
+        (B, P + N, C). Class-attention sites (CaiT) update only the CLS row; the patch tokens pass by.
+    """
+    y = labels.float()
+    if site_map.site.kind == "class":
+        return torch.cat([0.5 * (site_map.apply(y) + y[:, :1]), y[:, 1:]], dim=1)
+    return 0.5 * (site_map.apply(y) + y)
+
+
+def align_labels(backbone: Backbone, maps: list[SiteMap], patch_labels: Tensor, prefix_label: Tensor) -> Tensor:
+    """TL-Align through every captured site, across stage transitions, to the label the head reads.
+
+    Args:
+        backbone: the model's :class:`Backbone`.
+        maps: the captured maps of **every** site, in forward order.
+        patch_labels: (B, N_in, C) initial labels of the input-grid tokens.
+        prefix_label: (B, C) the label of prefix (CLS) tokens when they enter (the area label).
+    Returns:
+        (B, C): the CLS row after the last site when the head reads a class token, else the mean
+        of the final patch rows (paper: "y_cls or the mean of the y_i depending on the model").
+    """
+    y, grid, prefix = patch_labels.float(), tuple(backbone.input_grid[:2]), 0
+    for sm in maps:
+        if sm.grid != grid:
+            y = torch.cat([y[:, :prefix], backbone.merge_labels(y[:, prefix:], grid, sm.grid)], dim=1)
+            grid = sm.grid
+        if sm.num_prefix_tokens > prefix:
+            extra = prefix_label.float().unsqueeze(1).expand(-1, sm.num_prefix_tokens - prefix, -1)
+            y, prefix = torch.cat([extra, y], dim=1), sm.num_prefix_tokens
+        y = align_site(sm, y)
+    return y[:, 0] if backbone.class_token and prefix > 0 else y[:, prefix:].mean(1)
+
+
 class TLAlign(MixMethod):
     """TL-Align on CutMix (official) or on the Mixup/CutMix switch (paper); see the module docstring."""
 
     name: ClassVar[str] = "tl_align"
-    family: ClassVar[str] = "tl_align"
+    colour: ClassVar[str] = "tab:cyan"
+    paper: ClassVar[str] = "TL-Align"
+    summary: ClassVar[str] = "CutMix box on tokens; area target shown (TL-Align aligns it through the blocks in the loss)"
+    gallery: ClassVar[bool] = True
+    display_kwargs: ClassVar[dict[str, Any]] = {'switch_prob': 1.0}
 
     def __init__(self, num_classes: int, smoothing: float = 0.1, variant: str = "official",
                  mix_prob: float = 1.0, mixup_alpha: float = 0.8, cutmix_alpha: float = 1.0,
@@ -204,7 +248,7 @@ class TLAlign(MixMethod):
         return target, own
 
     def _aligned_target_sites(self, mixed: MixedBatch, maps: list) -> tuple[Tensor, Tensor]:
-        """:meth:`aligned_target` through :func:`~tokenmix.models.backbones.align_labels` (CaiT, Swin, PVT v2)."""
+        """:meth:`aligned_target` through :func:`align_labels` (CaiT, Swin, PVT v2)."""
         own = 1.0 - mixed.partner_mask.float().unsqueeze(-1)  # (B, N, 1)
         beta = align_labels(self.backbone, maps, own, mixed.lam_area.float().view(-1, 1))[:, 0]
         if self.path == "scalar":

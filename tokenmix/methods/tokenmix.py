@@ -3,7 +3,7 @@
 Paper: Liu et al., "TokenMix: Rethinking Image Mixing for Data Augmentation in Vision
 Transformers", ECCV 2022 (https://arxiv.org/abs/2207.08409), Sec. 3.2, Eq. 2.
 Official code: https://github.com/Sense-X/TokenMix (``tokenmix.py``, ``relabel/``).
-Teacher maps (build, cache, align with the crop): :mod:`tokenmix.teacher`.
+Teacher maps (build, cache, align with the crop): :mod:`tokenmix.train.teacher`.
 
 Per batch (flip pairing; one mask for the whole batch, as in the official code): with
 probability ``switch_prob`` a TokenMix batch, else a Mixup batch (lam ~ Beta(mixup_alpha)).
@@ -21,7 +21,7 @@ ground-truth-class maps on the token grid, each normalised over space,
 ``y_partner = sum_t m_par(t) M_t`` (partner mass pasted in). ``labels="area"`` keeps CutMix's area
 target (the mask-only ablation).
 
-Variants (reference: ``../shared/reference/official-implementations.md`` section 2):
+Variants (what the released code does, and what the paper says):
 
 =================  =====================================  ==================================
                    ``official`` (default)                 ``paper``
@@ -42,7 +42,7 @@ paper's "mask-out ratio"); the returned ``lam_area`` is the own share (package c
 Backbones: masks live on the model's patch-embedding grid (any patch size; Swin's 4x4 px
 patches, PVT v2's stride-4 stem cells, CaiT/DeiT patches; see
 :class:`~tokenmix.models.backbones.Backbone`), and the teacher maps are integrated onto that grid
-(:meth:`~tokenmix.teacher.TeacherMaps.token_maps`), so the rule needs nothing else from the model.
+(:meth:`~tokenmix.methods.teacher_maps.TeacherMaps.token_maps`), so the rule needs nothing else from the model.
 
 Deviations (deliberate): the grid is the model's (no 14x14 hard-coding); randomness comes from
 torch's RNG; the count uses floor (the paper does not say how lambda N is rounded);
@@ -50,7 +50,7 @@ torch's RNG; the count uses floor (the paper does not say how lambda N is rounde
 normalising. The released ``m / (sum m + 1e-8)`` on raw logits is kept behind
 ``clamp_negative=False``: with the default Fashion-MNIST teacher it gives normalised maps with
 entries up to +-74 on 0.16 % of the training images (sum of the ground-truth logits <= 1;
-measured on the cache built by ``make teacher``). See :mod:`tokenmix.teacher` for the map
+measured on the cache built by ``make teacher``). See :mod:`tokenmix.train.teacher` for the map
 alignment.
 """
 from __future__ import annotations
@@ -60,13 +60,13 @@ from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
-from torch import nn
-from torch import Tensor
+from torch import Tensor, nn
 
-from .base import MixedBatch, MixMethod, ModelOutputs, Needs, TokenGrid, flip_pairing, mix_targets, one_hot
-from .base import soft_target_cross_entropy
-from .baselines import cutmix_batch, draw_switch, mixup_batch
-from .masks import paste_token_mask, sample_lam
+from tokenmix.methods.base import (MixedBatch, MixMethod, ModelOutputs, Needs, TokenGrid, flip_pairing, mix_targets,
+                                    one_hot, soft_target_cross_entropy)
+from tokenmix.methods.baselines import cutmix_batch, draw_switch, mixup_batch
+from tokenmix.methods.masks import paste_token_mask, sample_lam
+from tokenmix.methods.teacher_maps import load_teacher_maps, verify_cache_data
 
 MASKS = ("block", "random", "cutmix")
 LABELS = ("teacher", "area")
@@ -208,7 +208,12 @@ class TokenMix(MixMethod):
     """
 
     name: ClassVar[str] = "tokenmix"
-    family: ClassVar[str] = "tokenmix"
+    colour: ClassVar[str] = "tab:red"
+    paper: ClassVar[str] = "TokenMix"
+    summary: ClassVar[str] = "token blocks; teacher target"
+    gallery: ClassVar[bool] = True
+    display_kwargs: ClassVar[dict[str, Any]] = {'switch_prob': 1.0}
+    fallback_kwargs: ClassVar[dict[str, Any]] = {"labels": "area"}
 
     def __init__(self, num_classes: int, smoothing: float = 0.1, variant: str = "official", mix_prob: float = 1.0,
                  mask: str = "block", labels: str = "teacher", mask_ratio: float = 0.5, tokenmix_alpha: float = 0.0,
@@ -235,10 +240,13 @@ class TokenMix(MixMethod):
         self.normalize, self.clamp_negative = normalize, clamp_negative
         self.teacher, self.teacher_cache = teacher, teacher_cache
         self.dataset, self.img_size, self.data_dir = dataset, img_size, data_dir
-        self.maps: Any = None  # tokenmix.teacher.TeacherMaps, opened by prepare_training (or set by hand)
-        self.needs = Needs(sample_meta=labels == "teacher")
+        self.maps: Any = None  # tokenmix.methods.teacher_maps.TeacherMaps, opened by prepare_training (or set by hand)
+        self.needs = Needs(sample_meta=labels == "teacher", teacher_maps=labels == "teacher")
 
     # -- setup -------------------------------------------------------------------------------
+    def describe(self) -> str:
+        return f"token blocks; {self.labels} target"
+
     def setup_model(self, model: nn.Module) -> nn.Module:
         """Check the token grid; raises ValueError when it is too small for the masks (a block
         must be smaller than the grid in both directions, so a grid below 2x2 would never mix)."""
@@ -250,9 +258,8 @@ class TokenMix(MixMethod):
 
     def prepare_training(self) -> None:
         """For teacher labels, open the teacher cache (raises
-        :class:`tokenmix.teacher.TeacherCacheError` naming the build command when missing/stale)."""
+        :class:`tokenmix.methods.teacher_maps.TeacherCacheError` naming the build command when missing/stale)."""
         if self.labels == "teacher" and self.maps is None:
-            from ..teacher import load_teacher_maps
             self.maps = load_teacher_maps(self.dataset, self.img_size, self.teacher, "train", self.data_dir,
                                           self.teacher_cache or None)
 
@@ -260,7 +267,6 @@ class TokenMix(MixMethod):
         """Check that the teacher cache was built from the training images this run reads (same
         count and pixels; not for the ImageNet image folder). Raises TeacherCacheError."""
         if self.labels == "teacher" and self.dataset != "imagenet":
-            from ..teacher import verify_cache_data
             self.prepare_training()
             verify_cache_data(self.maps, self.dataset, self.img_size, self.data_dir, download=False)
 

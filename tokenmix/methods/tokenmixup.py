@@ -4,7 +4,6 @@ Paper: Choi et al., "TokenMixup: Efficient Attention-guided Token-level Data Aug
 Transformers", NeurIPS 2022 (https://arxiv.org/abs/2210.07562), Sec. 3, Algorithm 1, Eqs. 1-13.
 Official code: https://github.com/mlvlab/TokenMixup (``experiments/cct/src/utils/*.py``,
 ``experiments/vit/{models/modeling,utils/utils}.py``; the reference is the experiment code).
-Developer notes: ``../shared/reference/official-implementations.md`` sections 1, 7 and 12.
 
 This module holds the pure functions of the method and the method itself (:class:`TokenMixup`:
 HTM as a forward pre-hook on one block, VTM as a cross-attention wrapper); shapes use N patch tokens, T = P + N tokens
@@ -108,12 +107,13 @@ from typing import Any, ClassVar
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from scipy.optimize import linear_sum_assignment
 from torch import Tensor
 
-from ..models.attention import reduce_attention, self_attention_map
-from ..models.backbones import Backbone
-from .base import MixedBatch, MixMethod, ModelOutputs, soft_target_cross_entropy
-from .baselines import MixupCutMix
+from tokenmix.methods.base import MixedBatch, MixMethod, ModelOutputs, soft_target_cross_entropy
+from tokenmix.methods.baselines import MixupCutMix
+from tokenmix.models.attention import reduce_attention, self_attention_map
+from tokenmix.models.backbones import Backbone
 
 SALIENCY_MODES: tuple[str, ...] = ("auto", "cls", "query_mean")
 VARIANTS: tuple[str, ...] = ("official", "paper")
@@ -208,7 +208,6 @@ def match_partners(gain: Tensor) -> Tensor:
     g = gain.detach().to(device="cpu", dtype=torch.float64)
     if not torch.isfinite(g).all():
         raise ValueError("gain contains non-finite values")
-    from scipy.optimize import linear_sum_assignment
 
     rows, cols = linear_sum_assignment(g.numpy(), maximize=True)
     out = torch.empty(m, dtype=torch.int64)
@@ -646,7 +645,7 @@ class TokenMixup(MixMethod):
         variant: ``"paper"`` (default: each sample's own mask row) or ``"official"`` (the
             released row-0 mask).
         gate: the difficulty gate, ``"official"`` (default, both variants: CE / 10 <= tau, the
-            released rule the issue specifies) or ``"paper"`` (Eq. 8: CE < tau). Under label
+            rule of the released code) or ``"paper"`` (Eq. 8: CE < tau). Under label
             smoothing 0.1 the soft CE never falls below the target's entropy (0.50 for K = 10), so
             the paper gate with tau = 0.2 never mixes anything.
         saliency: ``"auto"`` (CLS row for models with a CLS token, mean over queries otherwise),
@@ -654,7 +653,11 @@ class TokenMixup(MixMethod):
     """
 
     name: ClassVar[str] = "tokenmixup"
-    family: ClassVar[str] = "tokenmixup"
+    colour: ClassVar[str] = "tab:purple"
+    paper: ClassVar[str] = "TokenMixup"
+    summary: ClassVar[str] = "input Mixup/CutMix only; area target (HTM/VTM mix tokens inside the model)"
+    gallery: ClassVar[bool] = True
+    display_kwargs: ClassVar[dict[str, Any]] = {'switch_prob': 1.0}
 
     def __init__(self, num_classes: int, smoothing: float = 0.1, variant: str = "paper", mix_prob: float = 1.0,
                  tokenmixup_mode: str = "htm", horizontal_layer: int = 2, tau: float = 0.2, rho: float = 0.005,

@@ -13,7 +13,8 @@ post-softmax, pre-dropout, detached attention of the CLS query on patch token t 
 and the target is ``(1 - lam_p) y_own + lam_p y_partner`` (each smoothed first) with
 
 - ``variant="official"``: lam_p = (lam_area_partner + lam_attn) / 2, the average the released
-  code uses (issue #7: "the mean of both methods"), where m_t is the *nearest* downsampling of the
+  code uses (the authors in https://github.com/Beckschen/TransMix/issues/7: "the mean of both
+  methods"), where m_t is the *nearest* downsampling of the
   pixel box: token t counts as pasted iff its top-left pixel lies in the box;
 - ``variant="paper"``: lam_p = lam_attn, with the area-weighted ``partner_mask``.
 
@@ -45,16 +46,16 @@ Note lam here is converted at the boundary: the package's ``lam`` is the own sha
 """
 from __future__ import annotations
 
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import torch
 import torch.nn as nn
 from torch import Tensor
 
-from .base import MixedBatch, MixMethod, ModelOutputs, Needs, TokenGrid, mix_targets
-from .baselines import MixupCutMix
-from ..models.attention import attention_from_qk
-from ..models.backbones import Backbone
+from tokenmix.methods.base import MixedBatch, MixMethod, ModelOutputs, Needs, TokenGrid, mix_targets
+from tokenmix.methods.baselines import MixupCutMix
+from tokenmix.models.attention import attention_from_qk
+from tokenmix.models.backbones import Backbone
 
 
 def attention_partner_share(attn: Tensor, partner_mask: Tensor, eps: float = 1e-12) -> Tensor:
@@ -80,7 +81,11 @@ class TransMix(MixMethod):
     """TransMix on top of the Mixup/CutMix switch (see the module docstring)."""
 
     name: ClassVar[str] = "transmix"
-    family: ClassVar[str] = "transmix"
+    colour: ClassVar[str] = "tab:blue"
+    paper: ClassVar[str] = "TransMix"
+    summary: ClassVar[str] = "CutMix box; area target shown (TransMix re-weights it by attention in the loss)"
+    gallery: ClassVar[bool] = True
+    display_kwargs: ClassVar[dict[str, Any]] = {'switch_prob': 1.0}
 
     def __init__(self, num_classes: int, smoothing: float = 0.1, variant: str = "official",
                  mix_prob: float = 1.0, mixup_alpha: float = 0.8, cutmix_alpha: float = 1.0,

@@ -7,12 +7,12 @@ from typing import Any
 import timm
 import torch.nn as nn
 
-from .backbones import FAMILIES, Backbone, Site, SiteMap, align_labels
-from .attention import (AttentionCapture, QKCapture, attention_apply, attention_from_qk, attention_modules,
-                        reduce_attention, self_attention_map)
-from .cct import CCT, CCT_PRESETS, CCTPreset, CCTTokenizer, SequencePooling, build_cct
-from .cnn import CNN_PRESETS, SmallCNN, build_cnn
-from .vit import PRESETS, ConvStemEmbed, ViTPreset
+from tokenmix.models.attention import (AttentionCapture, QKCapture, attention_apply, attention_from_qk,
+                                        attention_modules, reduce_attention, self_attention_map)
+from tokenmix.models.backbones import FAMILIES, Backbone, Site, SiteMap
+from tokenmix.models.cct import CCT, CCT_PRESETS, CCTPreset, CCTTokenizer, SequencePooling, build_cct
+from tokenmix.models.cnn import CNN_PRESETS, SmallCNN, build_cnn
+from tokenmix.models.vit import PRESETS, ConvStemEmbed, ViTPreset
 
 #: timm families the methods support (name prefixes): plain ViTs, CaiT, Swin and PVT v2
 #: (see :mod:`tokenmix.models.backbones` for how each is read).
@@ -161,7 +161,7 @@ def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-__all__ = ["Backbone", "FAMILIES", "Site", "SiteMap", "align_labels", "CCT", "CCT_PRESETS", "CCTPreset", "CCTTokenizer", "SequencePooling", "build_cct",
+__all__ = ["Backbone", "FAMILIES", "Site", "SiteMap", "CCT", "CCT_PRESETS", "CCTPreset", "CCTTokenizer", "SequencePooling", "build_cct",
            "CNN_PRESETS", "SmallCNN", "AttentionCapture", "QKCapture", "attention_apply", "attention_from_qk", "ConvStemEmbed", "PRESETS", "TIMM_FAMILIES", "ViTPreset", "attention_modules",
            "available_models", "count_parameters", "create_model", "create_tiny_model", "TINY_CONFIGS", "TINY_MODELS", "patch_size_for", "reduce_attention",
            "self_attention_map"]

@@ -20,7 +20,7 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
-from .backbones import Backbone, Site, SiteMap
+from tokenmix.models.backbones import Backbone, Site, SiteMap
 
 Reduce = Literal["none", "head_mean", "cls", "query_mean", "site"]
 REDUCTIONS: tuple[str, ...] = ("none", "head_mean", "cls", "query_mean", "site")

@@ -21,7 +21,8 @@ form, so that no method and no training loop special-cases a model:
 * :class:`SiteMap` -- a captured map with its geometry, read in model-independent ways:
   :meth:`SiteMap.received` (attention received per token on the stage grid, head and query mean:
   SMMix Eq. 6, TokenMixup Eq. 3 and TransMix without a CLS token), :meth:`SiteMap.cls_row`
-  (TransMix) and :meth:`SiteMap.align` (TL-Align's ``Y <- (A Y + Y) / 2`` on the site's layout);
+  (TransMix) and :meth:`SiteMap.apply` (``A @ V`` on the site's layout: TL-Align's propagation,
+  :func:`tokenmix.methods.tlalign.align_site`);
 * :meth:`Backbone.merge_labels` -- token labels across a stage transition (TL-Align Table 10:
   the sum of the merged tokens' labels, normalised, i.e. their mean): Swin's patch merging
   averages 2x2 cells; PVT v2's overlapping 3x3 / stride-2 embedding averages its 3x3 footprint;
@@ -154,27 +155,21 @@ class SiteMap:
                              "class-token query; use received() (attention received per token)")
         return self.attn[:, 0, p:]
 
-    def align(self, labels: Tensor) -> Tensor:
-        """TL-Align's update ``Y <- (A Y + Y) / 2`` on the site's token layout.
+    def apply(self, values: Tensor) -> Tensor:
+        """The captured attention applied to per-token values on the site's layout: ``A @ V``.
 
         Args:
-            labels: (B, P + N, C) token labels (prefix rows first, then the stage grid row-major);
-                C = K for label rows or 1 for the scalar own share.
+            values: (B, P + N, C) per-token values (prefix rows first, then the stage grid row-major).
         Returns:
-            (B, P + N, C). Class sites update only the CLS row (the patch tokens pass by).
+            (B, P + N, C) for ``global`` / ``window`` / ``reduced`` sites (windows and reduced keys
+            handled); (B, 1, C), the CLS row only, for ``class`` sites.
         """
-        y = labels.float()
-        kind = self.site.kind
-        if kind == "global":
-            mixed = torch.bmm(self.attn, y)
-        elif kind == "class":
-            row = torch.bmm(self.attn, y)  # (B, 1, C)
-            return torch.cat([0.5 * (row + y[:, :1]), y[:, 1:]], dim=1)
-        elif kind == "window":
-            mixed = self._from_windows(torch.bmm(self.attn, self._to_windows(y)))
-        else:
-            mixed = torch.bmm(self.attn, self._reduce_keys(y))
-        return 0.5 * (mixed + y)
+        y, kind = values.float(), self.site.kind
+        if kind in ("global", "class"):
+            return torch.bmm(self.attn, y)
+        if kind == "window":
+            return self._from_windows(torch.bmm(self.attn, self._to_windows(y)))
+        return torch.bmm(self.attn, self._reduce_keys(y))
 
 
 @dataclass
@@ -347,28 +342,4 @@ class Backbone:
         return self.sites[index]
 
 
-def align_labels(backbone: Backbone, maps: list[SiteMap], patch_labels: Tensor, prefix_label: Tensor) -> Tensor:
-    """TL-Align through every captured site, across stage transitions, to the label the head reads.
-
-    Args:
-        backbone: the model's :class:`Backbone`.
-        maps: the captured maps of **every** site, in forward order.
-        patch_labels: (B, N_in, C) initial labels of the input-grid tokens.
-        prefix_label: (B, C) the label of prefix (CLS) tokens when they enter (the area label).
-    Returns:
-        (B, C): the CLS row after the last site when the head reads a class token, else the mean
-        of the final patch rows (paper: "y_cls or the mean of the y_i depending on the model").
-    """
-    y, grid, prefix = patch_labels.float(), tuple(backbone.input_grid[:2]), 0
-    for sm in maps:
-        if sm.grid != grid:
-            y = torch.cat([y[:, :prefix], backbone.merge_labels(y[:, prefix:], grid, sm.grid)], dim=1)
-            grid = sm.grid
-        if sm.num_prefix_tokens > prefix:
-            extra = prefix_label.float().unsqueeze(1).expand(-1, sm.num_prefix_tokens - prefix, -1)
-            y, prefix = torch.cat([extra, y], dim=1), sm.num_prefix_tokens
-        y = sm.align(y)
-    return y[:, 0] if backbone.class_token and prefix > 0 else y[:, prefix:].mean(1)
-
-
-__all__ = ["Backbone", "FAMILIES", "Site", "SiteMap", "align_labels"]
+__all__ = ["Backbone", "FAMILIES", "Site", "SiteMap"]

@@ -1,5 +1,11 @@
 """Tables and figures from run records (pure functions of ``runs/<run_id>/`` files).
 
+The layer's face exports the figures and tables every notebook uses; each paper's figures live in
+its own module (:mod:`tokenmix.report.transmix`, :mod:`~tokenmix.report.tokenmix`,
+:mod:`~tokenmix.report.tokenmixup`, :mod:`~tokenmix.report.smmix`, :mod:`~tokenmix.report.tlalign`;
+the study's in :mod:`~tokenmix.report.study`). The report trains no model: the small experiments
+behind some figures are in :mod:`tokenmix.analysis.experiments`.
+
 ``python -m tokenmix report --runs runs --figures figures`` (``make figures``) calls :func:`main`,
 which writes ``training_curves.{png,svg}``, ``results.md`` and ``results.csv`` from the complete
 runs, and ``tokenmix_occlusion.{png,svg,csv}`` (TokenMix's Figure 5) when there are complete
@@ -12,11 +18,16 @@ import argparse
 from collections.abc import Sequence
 from pathlib import Path
 
-from ..runs import list_runs
-from .figures import (figure_bytes, plot_curves, run_label, save_figure, show_attention, show_images,
-                      show_mixed_batch, token_map_to_pixels, unnormalize, write_if_changed)
-from .tables import (RESULT_COLUMNS, markdown_table, mixed_targets_table, results_display, results_markdown,
-                     results_table, summary_table)
+import matplotlib.pyplot as plt
+
+from tokenmix.report.fidelity import write_label_fidelity
+from tokenmix.report.figures import (find_root, plot_curves, save_figure, show_attention, show_images, show_mixed_batch,
+                                     write_if_changed)
+from tokenmix.report.study import MAIN_TABLES, paper_table_markdown, write_study_figures
+from tokenmix.report.tables import (markdown_table, mixed_targets_table, results_display, results_markdown,
+                                    results_table, summary_table)
+from tokenmix.report.tokenmix import OCCLUSION_METHODS, write_tokenmix_occlusion
+from tokenmix.train.runs import list_runs
 
 #: files written by :func:`main` into the figures folder
 OUTPUTS: tuple[str, ...] = ("training_curves.png", "training_curves.svg", "results.md", "results.csv")
@@ -25,7 +36,6 @@ OUTPUTS: tuple[str, ...] = ("training_curves.png", "training_curves.svg", "resul
 def write_report(runs_dir: str | Path, figures_dir: str | Path) -> list[Path]:
     """Write the report files for the complete runs under ``runs_dir``; returns the paths
     (empty, writing nothing, when there is no complete run). Same records -> same bytes."""
-    import matplotlib.pyplot as plt
 
     runs = [r for r in list_runs(runs_dir) if r.complete]
     if not runs:
@@ -88,7 +98,6 @@ def fill_readme(readme: str | Path, figures_dir: str | Path, runs_dir: str | Pat
     """Paste each generated table of :data:`README_BLOCKS` that exists into its block of
     ``readme`` (blocks the README lacks are skipped; the results table gets its provenance line),
     and the papers' main tables into the ``papers`` block. Returns True when the file changed."""
-    from .study import MAIN_TABLES, paper_table_markdown
     changed = False
     for block, name in README_BLOCKS.items():
         f = Path(figures_dir) / name
@@ -124,18 +133,15 @@ def main(argv: Sequence[str] | None = None) -> int:
               f"`python -m tokenmix train --out_dir {args.runs}`.")
         return 0
     paths = write_report(args.runs, args.figures)
-    from .tokenmix import OCCLUSION_METHODS, write_tokenmix_occlusion
     occlusion = write_tokenmix_occlusion(args.runs, args.figures)
     if not occlusion:
         print(f"tokenmix report: no complete fashion_mnist runs of {' and '.join(OCCLUSION_METHODS)} with one "
               "model (and checkpoints); occlusion figure skipped")
     paths += occlusion
-    from .fidelity import write_label_fidelity
     fidelity = write_label_fidelity(args.runs, args.figures, data_dir=args.data_dir)
     if not fidelity:
         print("tokenmix report: no complete fashion_mnist vit_cpu run with a checkpoint; label-fidelity benchmark skipped")
     paths += fidelity
-    from .study import write_study_figures
     paths += write_study_figures(args.runs, args.figures, args.data_dir)
     if args.readme and fill_readme(args.readme, args.figures, args.runs) and Path(args.readme) not in paths:
         paths.append(Path(args.readme))
@@ -146,38 +152,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
-__all__ = ["OUTPUTS", "README_BLOCKS", "RESULT_COLUMNS", "fill_readme", "provenance", "figure_bytes", "main",
-           "markdown_table", "mixed_targets_table", "plot_curves", "results_display", "results_markdown",
-           "results_table", "run_label", "save_figure", "show_attention", "show_images", "show_mixed_batch",
-           "summary_table", "token_map_to_pixels", "unnormalize", "update_readme", "write_if_changed", "write_report"]
-
-# method figures: TransMix (notebooks/01_transmix), TokenMix (notebooks/02_tokenmix), TokenMixup
-# (notebooks/03_tokenmixup), SMMix (notebooks/04_smmix) and TL-Align (notebooks/05_tl_align)
-from .smmix import mixed_topk_accuracy, plot_loss_terms, plot_smmix_vs_cutmix, short_run  # noqa: E402
-from .tlalign import plot_layerwise_ratios, plot_token_presence, show_label_alignment  # noqa: E402
-from .tokenmix import (OCCLUSION_OUTPUTS, alignment_views, find_occlusion_runs, find_root,  # noqa: E402
-                       mask_count_statistics, mask_count_table, mask_examples, occlusion_curves,
-                       occlusion_runs, occlusion_table, occlusion_test_set, open_teacher_maps, plot_count_statistics,
-                       plot_masks, plot_occlusion, plot_teacher_targets, sample_mask_counts, show_map_alignment,
-                       teacher_mix, write_tokenmix_occlusion)
-from .tokenmixup import (CurriculumRun, HTMExample, curriculum, htm_example, latency_table,  # noqa: E402
-                         mask_variant_table, plot_curriculum, plot_htm_example, plot_saliency_comparison,
-                         stack_dataset)
-from .transmix import plot_transmix_lambdas, show_token_masks, show_transmix_samples, transmix_ratios_table  # noqa: E402
-
-__all__ += ["plot_layerwise_ratios", "plot_token_presence", "plot_transmix_lambdas", "show_label_alignment",
-            "show_token_masks", "show_transmix_samples", "transmix_ratios_table"]
-__all__ += ["OCCLUSION_OUTPUTS", "alignment_views", "find_occlusion_runs", "find_root",             "mask_count_statistics", "mask_count_table", "mask_examples", "occlusion_curves", "occlusion_runs",
-            "occlusion_table", "occlusion_test_set", "open_teacher_maps", "plot_count_statistics", "plot_masks",
-            "plot_occlusion", "plot_teacher_targets", "sample_mask_counts", "show_map_alignment", "teacher_mix",
-            "write_tokenmix_occlusion"]
-__all__ += ["CurriculumRun", "HTMExample", "curriculum", "htm_example", "latency_table", "mask_variant_table",
-            "plot_curriculum", "plot_htm_example", "plot_saliency_comparison", "stack_dataset"]
-__all__ += ["mixed_topk_accuracy", "plot_loss_terms", "plot_smmix_vs_cutmix", "short_run"]
-
-# the study (make run / make figures): accuracy vs time, the mixed-sample gallery, paper numbers
-from .study import (MAIN_TABLES, STUDY_OUTPUTS, paper_pivot, paper_results, paper_table_markdown,  # noqa: E402
-                    plot_accuracy_vs_time, plot_gallery, results_with_paper, write_study_figures)
-
-__all__ += ["MAIN_TABLES", "STUDY_OUTPUTS", "paper_pivot", "paper_results", "paper_table_markdown",
-            "plot_accuracy_vs_time", "plot_gallery", "results_with_paper", "write_study_figures"]
+__all__ = ["OUTPUTS", "README_BLOCKS", "README_END", "README_START", "fill_readme", "find_root", "main",
+           "markdown_table", "mixed_targets_table", "plot_curves", "provenance", "results_display", "results_table",
+           "show_attention", "show_images", "show_mixed_batch", "summary_table", "update_readme", "write_report"]

@@ -6,7 +6,7 @@
 - :func:`find_fidelity_run` - the run whose checkpoint is measured;
 - :func:`write_label_fidelity` - ``figures/label_fidelity.{csv,md,png,svg}`` (called by the report).
 
-The measurement itself (oracle, rules, adaptations): :mod:`tokenmix.fidelity`.
+The measurement itself (oracle, rules, adaptations): :mod:`tokenmix.analysis.fidelity`.
 """
 from __future__ import annotations
 
@@ -19,10 +19,10 @@ import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
 
-from ..fidelity import RULES, TABLE_COLUMNS, summarize
-from ..runs import Run, list_runs
-from .figures import _finish, save_figure, write_if_changed
-from .tables import markdown_table
+from tokenmix.analysis.fidelity import RULES, TABLE_COLUMNS, measure_run, summarize
+from tokenmix.report.figures import _finish, save_figure, write_if_changed
+from tokenmix.report.tables import markdown_table
+from tokenmix.train.runs import Run, list_runs
 
 #: colours of the rules (CutMix green and TokenMix red as in the other report figures)
 RULE_COLOURS: dict[str, str] = {
@@ -45,9 +45,9 @@ def plot_fidelity(data: pd.DataFrame, table: pd.DataFrame | None = None, title: 
     """The label-fidelity figure.
 
     Args:
-        data: the per-sample shares (:func:`tokenmix.fidelity.fidelity_samples`: columns rule,
+        data: the per-sample shares (:func:`tokenmix.analysis.fidelity.fidelity_samples`: columns rule,
             predicted, oracle, area), or just the summary table
-            (:func:`tokenmix.fidelity.summarize`; then only the bar chart is drawn).
+            (:func:`tokenmix.analysis.fidelity.summarize`; then only the bar chart is drawn).
         table: the summary (default: computed from ``data``; rules without samples are shown as
             skipped).
         title, save: figure title; path stem for PNG + SVG.
@@ -119,16 +119,12 @@ def fidelity_markdown(table: pd.DataFrame, heading: str | None = None) -> str:
     return (heading.rstrip() + "\n\n" + text) if heading else text
 
 
-def _usable(run: Run) -> bool:
-    return run.complete and (run.path / "checkpoint.pt").is_file()
-
-
 def find_fidelity_run(runs_dir: str | Path, dataset: str = "fashion_mnist", model: str = "vit_cpu",
                       prefer: Sequence[str] = ("cutmix",)) -> Run | None:
     """The complete run (with a checkpoint) of ``model`` on ``dataset`` to measure: the first by
     run id of the first method in ``prefer`` that has one, else the first such run of any method;
     None if there is none."""
-    runs = [r for r in list_runs(runs_dir) if _usable(r) and r.config.get("dataset") == dataset
+    runs = [r for r in list_runs(runs_dir) if r.has_checkpoint and r.config.get("dataset") == dataset
             and r.config.get("model") == model]
     for method in prefer:
         sel = [r for r in runs if r.config.get("method") == method]
@@ -142,13 +138,12 @@ def write_label_fidelity(runs_dir: str | Path, figures_dir: str | Path, data_dir
                          model: str = "vit_cpu") -> list[Path]:
     """``label_fidelity.{csv,md,png,svg}`` in ``figures_dir`` for the checkpoint of
     :func:`find_fidelity_run` (CutMix preferred) on a fixed subset of ``n_batches * batch_size``
-    test images (:func:`tokenmix.fidelity.measure_run`). Without a teacher cache (test split)
+    test images (:func:`tokenmix.analysis.fidelity.measure_run`). Without a teacher cache (test split)
     under ``data_dir`` the TokenMix row is marked skipped. Same inputs -> same bytes.
 
     Returns:
         The paths written, or [] (writing nothing) when there is no suitable run.
     """
-    from ..fidelity import measure_run
     run = find_fidelity_run(runs_dir, dataset, model)
     if run is None:
         return []
@@ -166,7 +161,7 @@ def write_label_fidelity(runs_dir: str | Path, figures_dir: str | Path, data_dir
     csv = table.to_csv(index=False, float_format="%.4f", lineterminator="\n")
     write_if_changed(out / "label_fidelity.csv", csv.encode())
     md = fidelity_markdown(table, f"Label fidelity: {desc}. Errors are in partner-share units against the "
-                                  "foreground-mass oracle (see `tokenmix/fidelity.py`); `area MAE` is the area "
+                                  "foreground-mass oracle (see `tokenmix/analysis/fidelity.py`); `area MAE` is the area "
                                   "share's error on the same mixes.")
     write_if_changed(out / "label_fidelity.md", md.encode())
     return [out / "label_fidelity.csv", out / "label_fidelity.md"] + paths

@@ -21,8 +21,8 @@ import torch.nn.functional as F
 from matplotlib.figure import Figure
 from torch import Tensor
 
-from ..methods.base import MixedBatch, TokenGrid
-from ..runs import Run, atomic_write_bytes
+from tokenmix.methods.base import MixedBatch, TokenGrid
+from tokenmix.train.runs import Run, atomic_write_bytes
 
 ArrayLike = Tensor | np.ndarray
 SAVE_DPI = 150
@@ -336,7 +336,7 @@ def plot_curves(runs: Sequence[Run] | Run, title: str | None = None, save: str |
     """Training loss and test top-1 per epoch, one line per run (colour by method).
 
     Args:
-        runs: one run record or several (``tokenmix.runs.load_run`` / ``list_runs``).
+        runs: one run record or several (``tokenmix.train.runs.load_run`` / ``list_runs``).
         title: figure title; save: path stem for PNG + SVG.
     Returns:
         The Figure with two axes: train loss, test top-1 (%).
@@ -373,3 +373,16 @@ def plot_curves(runs: Sequence[Run] | Run, title: str | None = None, save: str |
         fig.legend(handles, labels, loc="upper center", ncol=min(3, len(labels)), fontsize=7,
                    bbox_to_anchor=(0.5, 0.0), frameon=False)
     return _finish(fig, save)
+
+
+def find_root(start: str | Path | None = None) -> Path:
+    """The repository root: the first folder from ``start`` (default: the working directory)
+    upwards holding ``pyproject.toml`` and ``tokenmix/__init__.py``; else the folder above the
+    installed package. Lets the notebook find ``runs/`` and ``data/`` from the repository root
+    (papermill ``--cwd``) and from ``notebooks/`` (nbval)."""
+    here = Path(start or Path.cwd()).resolve()
+    for d in (here, *here.parents):
+        if (d / "pyproject.toml").is_file() and (d / "tokenmix" / "__init__.py").is_file():
+            return d
+    return Path(__file__).resolve().parents[2]
+

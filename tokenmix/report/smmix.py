@@ -3,7 +3,7 @@
 - :func:`plot_smmix_vs_cutmix` - the paper's Figure 4: per pair, the own image with its saliency
   and the least salient window (where the partner goes), the partner with its most salient window,
   the SMMix mixed image and the CutMix mixed image of the same pair;
-- :func:`short_run` / :func:`plot_loss_terms` - a short SMMix training run recording the three
+- :func:`tokenmix.analysis.experiments.short_run` / :func:`plot_loss_terms` - a short SMMix training run recording the three
   loss terms L_cls, L_fine and L_con per step;
 - :func:`mixed_topk_accuracy` - the paper's Figure 5a: how often a model's top-1 on a mixed image
   is the own or the partner class, and how often its top-2 holds both.
@@ -12,21 +12,18 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
 
 import matplotlib.pyplot as plt
 import pandas as pd
 import torch
 import torch.nn as nn
 from matplotlib.figure import Figure
-from torch import Tensor
 
-from ..methods.base import MixedBatch, TokenGrid
-from .figures import (ArrayLike, _class_name, _draw_token_grid, _finish, _imshow, _tensor, token_map_to_pixels,
-                      unnormalize)
-from .transmix import OWN_COLOUR, PARTNER_COLOUR, _draw_box
-
-LOSS_TERMS: tuple[str, ...] = ("l_cls", "l_fine", "l_con")
+from tokenmix.methods.base import MixedBatch, TokenGrid
+from tokenmix.methods.smmix import LOSS_TERMS
+from tokenmix.report.figures import (ArrayLike, _class_name, _draw_token_grid, _finish, _imshow, _tensor,
+                                     token_map_to_pixels, unnormalize)
+from tokenmix.report.transmix import OWN_COLOUR, PARTNER_COLOUR, _draw_box
 
 
 def _window_box(pos: Sequence[int], k: int, grid: TokenGrid) -> tuple[int, int, int, int]:
@@ -102,41 +99,9 @@ def plot_smmix_vs_cutmix(x: ArrayLike, smmix_batch: MixedBatch, cutmix_batch: Mi
     return _finish(fig, save)
 
 
-def short_run(images: Tensor, labels: Tensor, steps: int = 60, batch_size: int = 64, num_classes: int = 10,
-              model_name: str = "vit_cpu", lr: float = 1e-3, weight_decay: float = 0.05, seed: int = 0,
-              return_model: bool = False, **method_kw: Any) -> pd.DataFrame | tuple[pd.DataFrame, nn.Module, Any]:
-    """Train ``model_name`` with SMMix (``switch_prob=1.0``: every batch an SMMix batch) for ``steps``
-    AdamW steps on random batches of ``images`` (normalised (n, C, H, W), used as given).
-
-    Returns:
-        A DataFrame with one row per step: ``step``, ``loss`` (the weighted total), ``l_cls``,
-        ``l_fine``, ``l_con``, ``window`` (k) and ``batch_top1`` (%, on the mixed batch against the
-        own labels); with ``return_model=True`` the tuple (DataFrame, model, method).
-    """
-    from ..methods import get
-    from ..models import create_model
-
-    torch.manual_seed(seed)
-    model = create_model(model_name, num_classes, images.shape[-1], images.shape[1])
-    method = get("smmix", num_classes=num_classes, **dict({"switch_prob": 1.0}, **method_kw))
-    from ..engine import quick_train
-    from ..methods import MixStep
-    mix_step = MixStep(model, method)
-    model = mix_step.model
-    method.prepare_training()
-    rows = []
-    for step, y, res in quick_train(mix_step, images, labels, steps, batch_size, lr, weight_decay, seed):
-        info, out = res.info, res.outputs
-        rows.append({"step": step, "loss": float(res.loss.detach()),
-                     **{t: info.get(t, float("nan")) for t in LOSS_TERMS}, "window": info.get("window", float("nan")),
-                     "batch_top1": 100.0 * float((out.logits.argmax(1) == y).float().mean())})
-    df = pd.DataFrame(rows)
-    return (df, model, method) if return_model else df
-
-
 def plot_loss_terms(df: pd.DataFrame, window: int = 5, title: str | None = None,
                     save: str | Path | None = None) -> Figure:
-    """The loss terms of a :func:`short_run` against the step (raw, faint, and a ``window``-step mean)."""
+    """The loss terms of a :func:`tokenmix.analysis.experiments.short_run` against the step (raw, faint, and a ``window``-step mean)."""
     fig, ax = plt.subplots(figsize=(6, 3.2))
     for term, colour in zip(("loss",) + LOSS_TERMS, ("k", "tab:blue", "tab:orange", "tab:green")):
         if term not in df:
@@ -182,4 +147,4 @@ def mixed_topk_accuracy(model: nn.Module, batches: Mapping[str, MixedBatch]) -> 
     return pd.DataFrame(rows).set_index("mixing")
 
 
-__all__ = ["LOSS_TERMS", "mixed_topk_accuracy", "plot_loss_terms", "plot_smmix_vs_cutmix", "short_run"]
+__all__ = ["mixed_topk_accuracy", "plot_loss_terms", "plot_smmix_vs_cutmix"]

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import math
 import re
-import tempfile
 import textwrap
 from collections.abc import Sequence
 from pathlib import Path
@@ -29,24 +28,26 @@ import torch
 from matplotlib.figure import Figure
 from torch import Tensor
 
-from ..runs import Run, list_runs
-from .figures import _class_name, _imshow, _tensor, save_figure, token_map_to_pixels, unnormalize, write_if_changed
-from .tables import REFERENCE_METHOD, markdown_table, results_table
+from tokenmix import methods
+from tokenmix.data import dataset_info, load_split
+from tokenmix.methods import MixMethod
+from tokenmix.methods.teacher_maps import load_teacher_maps
+from tokenmix.models import create_model
+from tokenmix.report.fidelity import plot_fidelity
+from tokenmix.report.figures import (_class_name, _imshow, _tensor, save_figure, token_map_to_pixels, unnormalize,
+                                     write_if_changed)
+from tokenmix.report.tables import REFERENCE_METHOD, markdown_table, results_table
+from tokenmix.train.runs import Run, list_runs
 
 #: the paper numbers shipped with the package
 PAPER_RESULTS_CSV = Path(__file__).with_name("paper_results.csv")
 #: columns of ``paper_results.csv`` / :func:`paper_results`
 PAPER_COLUMNS: tuple[str, ...] = ("paper", "source", "dataset", "model", "method", "top1", "notes")
-#: the paper (``paper`` column) that proposed each method; its own numbers are preferred when matching
-OWN_PAPER: dict[str, str] = {"transmix": "TransMix", "tokenmix": "TokenMix", "tokenmixup": "TokenMixup",
-                             "smmix": "SMMix", "tl_align": "TL-Align"}
 #: the columns :func:`results_with_paper` adds
 PAPER_TOP1, PAPER_SOURCE = "paper top-1", "source"
-#: the rows of :func:`plot_gallery` by default (TokenMixup's HTM / VTM act inside the model, so
-#: ``tokenmixup{tokenmixup_mode=vtm}`` would show the same images as ``tokenmixup``)
-GALLERY_METHODS: tuple[str, ...] = ("mixup", "cutmix", "transmix", "tl_align", "smmix", "tokenmix", "tokenmixup")
-#: methods whose label needs a forward pass of the model (the gallery shows their pre-forward target)
-FORWARD_LABELS: tuple[str, ...] = ("transmix", "tl_align", "smmix", "tokenmixup")
+#: the rows of :func:`plot_gallery` by default: every registered method whose class sets ``gallery``
+#: (one row per method: TokenMixup's HTM / VTM act inside the model, so its modes show the same images)
+GALLERY_METHODS: tuple[str, ...] = tuple(n for n in methods.available() if methods.method_class(n).gallery)
 #: files written by :func:`write_study_figures` (the figures only when their inputs exist)
 STUDY_OUTPUTS: tuple[str, ...] = ("accuracy_vs_time.png", "accuracy_vs_time.svg", "gallery.png", "gallery.svg",
                                   "paper_results.md")
@@ -75,7 +76,6 @@ def parse_label(label: str) -> tuple[str, str | None, dict[str, str]]:
 
 def _non_default(name: str, kwargs: dict[str, str]) -> frozenset[tuple[str, str]]:
     """The arguments that differ from the method's defaults (compared as strings)."""
-    from .. import methods
     try:
         defaults = methods.parameters(name)
     except ValueError:
@@ -85,7 +85,6 @@ def _non_default(name: str, kwargs: dict[str, str]) -> frozenset[tuple[str, str]
 
 def _typed(name: str, kwargs: dict[str, str]) -> dict[str, Any]:
     """String arguments of a label converted to the types of the method's defaults."""
-    from .. import methods
     defaults = methods.parameters(name)
     out: dict[str, Any] = {}
     for k, v in kwargs.items():
@@ -126,7 +125,7 @@ def paper_match(paper_df: pd.DataFrame, dataset: str, model: str, method: str) -
 
     A paper row matches when dataset and model are equal, the method names are equal, the
     non-default method arguments are equal, and the paper row names no variant or ours. Among
-    matches: the exact variant first, then the method's own paper (:data:`OWN_PAPER`), then file
+    matches: the exact variant first, then the method's own paper (:attr:`~tokenmix.methods.MixMethod.paper`), then file
     order (each paper's main table comes first)."""
     try:
         name, variant, args = _match_key(method)
@@ -142,7 +141,7 @@ def paper_match(paper_df: pd.DataFrame, dataset: str, model: str, method: str) -
             continue
         if p_name != name or p_args != args or (p_variant is not None and p_variant != variant):
             continue
-        rank = (0 if p_variant is not None else 1, 0 if OWN_PAPER.get(name) == row.paper else 1, int(pos))
+        rank = (0 if p_variant is not None else 1, 0 if methods.method_class(name).paper == row.paper else 1, int(pos))
         if best is None or rank < best[0]:
             best = (rank, pos)
     return None if best is None else paper_df.loc[best[1]]
@@ -306,34 +305,17 @@ def plot_accuracy_vs_time(df: pd.DataFrame, title: str | None = None, save: str 
 # ---------------------------------------------------------------------------------------------
 # gallery
 
-def _gallery_method(label: str, num_classes: int, with_teacher: bool) -> tuple[Any, str, str]:
-    """(method, name, note) for one gallery row; the own mixing branch is forced (switch_prob=1)."""
-    from .. import methods
+def _gallery_method(label: str, num_classes: int, with_teacher: bool) -> tuple[MixMethod, str]:
+    """(method, note) for one gallery row: the method's own mask (its ``display_kwargs``), and its
+    ``fallback_kwargs`` when it reads teacher maps that are not there."""
     name, variant, kwargs = parse_label(label)
-    params = methods.parameters(name)
-    kw = _typed(name, kwargs)
-    if variant:
-        kw["variant"] = variant
-    if "switch_prob" in params and name != "mixup_cutmix":
-        kw.setdefault("switch_prob", 1.0)
-    note = {
-        "none": "no mixing",
-        "mixup": "Mixup: λ·x + (1−λ)·x' for the whole image",
-        "cutmix": "CutMix: a box; area target",
-        "mixup_cutmix": "Mixup or CutMix (p=0.5); area target",
-        "transmix": "CutMix box; area target shown (TransMix re-weights it by attention in the loss)",
-        "tl_align": "CutMix box on tokens; area target shown (TL-Align aligns it through the blocks in the loss)",
-        "smmix": "max-min attention windows of an untrained model; area target (+ token and consistency losses)",
-        "tokenmixup": "input Mixup/CutMix only; area target (HTM/VTM mix tokens inside the model)",
-    }.get(name, "")
-    if name == "tokenmix":
-        if not with_teacher and kw.get("labels", "teacher") == "teacher":
-            kw["labels"] = "area"
-            note = "token blocks; area target (no teacher cache found)"
-        else:
-            note = ("token blocks; teacher target" if kw.get("labels", "teacher") == "teacher"
-                    else "token blocks; area target")
-    return methods.get(name, num_classes=num_classes, **kw), name, note
+    cls = methods.method_class(name)
+    kw = {**cls.display_kwargs, **_typed(name, kwargs), **({"variant": variant} if variant else {})}
+    method = methods.get(name, num_classes=num_classes, **kw)
+    if method.needs.teacher_maps and not with_teacher:
+        method = methods.get(name, num_classes=num_classes, **{**kw, **cls.fallback_kwargs})
+        return method, method.describe() + " (no teacher cache found)"
+    return method, method.describe()
 
 
 def _outline(ax: plt.Axes, mask: np.ndarray, up: int = 8) -> None:
@@ -359,7 +341,7 @@ def plot_gallery(images: Tensor | np.ndarray, labels: Tensor | Sequence[int], me
     Every method gets a freshly created, untrained ``model`` (``method.prepare_model`` records the
     token grid; SMMix uses it for its saliency) and the same seed before ``mix``. Methods that switch
     with Mixup show their own branch (``switch_prob=1``). TokenMix uses teacher targets when ``maps``
-    (the :class:`~tokenmix.teacher.TeacherMaps` of the split the images come from) and ``index``
+    (the :class:`~tokenmix.methods.teacher_maps.TeacherMaps` of the split the images come from) and ``index``
     (their indices in that split) are given, else the area target. TransMix, TL-Align, SMMix and
     TokenMixup decide (part of) their label in the forward pass; the titles show the target ``mix``
     returns (the area target).
@@ -376,7 +358,6 @@ def plot_gallery(images: Tensor | np.ndarray, labels: Tensor | Sequence[int], me
     Returns:
         The Figure with ``len(methods) * n`` image axes.
     """
-    from ..models import create_model
     x = _tensor(images)
     y = torch.as_tensor(_tensor(labels)).long()
     n = max(2, min(n, x.shape[0]))
@@ -390,11 +371,11 @@ def plot_gallery(images: Tensor | np.ndarray, labels: Tensor | Sequence[int], me
                 "flip": torch.zeros(n, dtype=torch.bool)}
     rows = []
     for label in methods:
-        method, name, note = _gallery_method(label, num_classes, meta is not None)
+        method, note = _gallery_method(label, num_classes, meta is not None)
         torch.manual_seed(seed)
         net = create_model(model, num_classes, int(x.shape[-1]), int(x.shape[1]))
         net = method.prepare_model(net).eval()
-        if name == "tokenmix" and getattr(method, "labels", "area") == "teacher":
+        if method.needs.teacher_maps:
             method.maps = maps
         torch.manual_seed(seed)
         with torch.no_grad():
@@ -428,7 +409,6 @@ def gallery_batch(data_dir: str | Path = "data", n: int = 6) -> tuple[Tensor, Te
     """The gallery's images from the local Fashion-MNIST test split: the first test image of each
     of the classes 0 .. n-1, normalised, with their labels, their indices in the split and the
     dataset info; None when the split is not available locally (nothing is downloaded)."""
-    from ..data import dataset_info, load_split
     try:
         x, y, idx = load_split("fashion_mnist", 28, False, data_dir, download=False)
     except (OSError, RuntimeError, ValueError):
@@ -452,7 +432,6 @@ def gallery_teacher_maps(data_dir: str | Path = "data") -> Any:
     """The teacher cache of the Fashion-MNIST **test** split (TokenMix's targets for the gallery),
     or None when it is missing or stale (never built here: building takes about 30 s)."""
     try:
-        from ..teacher import load_teacher_maps
         return load_teacher_maps("fashion_mnist", 28, "cnn_small", "test", data_dir)
     except Exception:  # noqa: BLE001 - a missing/stale/unreadable cache only means area targets
         return None
@@ -511,37 +490,6 @@ def complete_runs(runs_dir: str | Path) -> list[Run]:
     return [r for r in list_runs(runs_dir) if r.complete]
 
 
-def demo_runs(out_dir: str | Path | None = None, data_dir: str | Path = "data",
-              methods: Sequence[str] = ("cutmix", "transmix")) -> Path:
-    """Train one tiny run per method (1 epoch on 1000 Fashion-MNIST training images, 500 test
-    images; the synthetic dataset at 32 px when Fashion-MNIST is not available locally) into
-    ``out_dir`` (default: a new temporary folder) and return that folder. **Demo runs**: they only
-    show what the report looks like, their numbers mean nothing."""
-    from ..config import RunConfig
-    from ..data import load_split
-    from ..engine import train
-    out = Path(out_dir) if out_dir else Path(tempfile.mkdtemp(prefix="tokenmix-demo-runs-"))
-    try:
-        load_split("fashion_mnist", 28, False, data_dir, download=False)
-        data = {"dataset": "fashion_mnist", "img_size": 28}
-    except (OSError, RuntimeError, ValueError):
-        data = {"dataset": "synthetic", "img_size": 32}
-    for m in methods:
-        cfg = RunConfig(method=m, train_subset=1000, test_subset=500, epochs=1, warmup_epochs=0.0, batch_size=64,
-                        data_dir=str(data_dir), download=False, out_dir=str(out), run_id=f"demo-{m}",
-                        progress=False, **data)
-        train(cfg)
-    return out
-
-
-def runs_or_demo(runs_dir: str | Path, data_dir: str | Path = "data", min_runs: int = 2) -> tuple[Path, bool]:
-    """``(runs_dir, False)`` when it holds at least ``min_runs`` complete runs, else
-    ``(a temporary folder holding the runs of :func:`demo_runs`, True)``."""
-    if len(complete_runs(runs_dir)) >= min_runs:
-        return Path(runs_dir), False
-    return demo_runs(None, data_dir), True
-
-
 def load_fidelity(figures_dir: str | Path) -> pd.DataFrame | None:
     """``<figures_dir>/label_fidelity.csv`` (written by ``tokenmix.report.fidelity``) or None."""
     path = Path(figures_dir) / "label_fidelity.csv"
@@ -554,21 +502,15 @@ def load_fidelity(figures_dir: str | Path) -> pd.DataFrame | None:
 
 
 def plot_fidelity_if_available(df: pd.DataFrame) -> Figure | None:
-    """``tokenmix.report.fidelity.plot_fidelity(df)``, or None when that module (or the function)
-    is not there or cannot plot this table."""
-    try:
-        from .fidelity import plot_fidelity  # type: ignore[attr-defined]
-    except ImportError:
-        return None
+    """``tokenmix.report.fidelity.plot_fidelity(df)``, or None when it cannot plot this table."""
     try:
         return plot_fidelity(df)
     except (KeyError, ValueError, TypeError):
         return None
 
 
-__all__ = ["FORWARD_LABELS", "GALLERY_METHODS", "MAIN_TABLES", "OWN_PAPER", "PAPER_COLUMNS", "PAPER_RESULTS_CSV",
-           "PAPER_SOURCE", "PAPER_TOP1", "STUDY_OUTPUTS", "complete_runs", "demo_runs", "gallery_batch",
+__all__ = ["GALLERY_METHODS", "MAIN_TABLES", "PAPER_COLUMNS", "PAPER_RESULTS_CSV",
+           "PAPER_SOURCE", "PAPER_TOP1", "STUDY_OUTPUTS", "complete_runs", "gallery_batch",
            "gallery_teacher_maps",
            "load_fidelity", "paper_match", "paper_pivot", "paper_results", "paper_table_markdown", "parse_label",
-           "plot_accuracy_vs_time", "plot_fidelity_if_available", "plot_gallery", "results_with_paper",
-           "runs_or_demo", "write_study_figures"]
+           "plot_accuracy_vs_time", "plot_fidelity_if_available", "plot_gallery", "results_with_paper", "write_study_figures"]

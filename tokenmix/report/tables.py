@@ -9,8 +9,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from ..methods.base import MixedBatch
-from ..runs import Run
+from tokenmix.methods.base import MixedBatch
+from tokenmix.train.runs import Run
 
 #: columns of :func:`results_table`, in order
 RESULT_COLUMNS: tuple[str, ...] = ("method", "model", "dataset", "epochs", "n_seeds", "top1_mean", "top1_std",

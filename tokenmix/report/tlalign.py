@@ -8,7 +8,7 @@
   image B);
 - :func:`plot_token_presence` - Eq. 2: how much every token is present in each block's output.
 
-All take a :class:`tokenmix.analysis.LayerwiseRatios`; every ratio is the own share (image A).
+All take a :class:`tokenmix.analysis.probes.LayerwiseRatios`; every ratio is the own share (image A).
 """
 from __future__ import annotations
 
@@ -20,11 +20,11 @@ import numpy as np
 from matplotlib.colors import TwoSlopeNorm
 from matplotlib.figure import Figure
 
-from ..analysis import LayerwiseRatios
-from ..methods.base import MixedBatch, TokenGrid
-from .figures import (ArrayLike, _class_name, _draw_token_grid, _finish, _imshow, _tensor, token_map_to_pixels,
-                      unnormalize)
-from .transmix import _draw_box
+from tokenmix.analysis.probes import LayerwiseRatios
+from tokenmix.methods.base import MixedBatch, TokenGrid
+from tokenmix.report.figures import (ArrayLike, _class_name, _draw_token_grid, _finish, _imshow, _tensor,
+                                     token_map_to_pixels, unnormalize)
+from tokenmix.report.transmix import _draw_box
 
 #: line styles of the curves of :meth:`LayerwiseRatios.token`
 CURVE_STYLES = {"similarity (Eq. 13)": dict(color="k", marker="o", lw=2),
@@ -112,7 +112,7 @@ def show_label_alignment(x: ArrayLike, mixed: MixedBatch | Sequence[MixedBatch],
 
     Args:
         x: (B, C, H, W) clean images; mixed: the batch (or the list of draws ``ratios`` was computed
-            from, of which ``draw`` is shown); ratios: from :func:`~tokenmix.analysis.layerwise_mixing_ratios`.
+            from, of which ``draw`` is shown); ratios: from :func:`~tokenmix.analysis.probes.layerwise_mixing_ratios`.
         grid: the token grid; n: samples; class_names, mean, std, title, save: as usual.
     Returns:
         The Figure: ``(5 or 6) * n`` axes plus one colour-bar axes.

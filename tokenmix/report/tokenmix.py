@@ -10,13 +10,12 @@
 - :func:`write_tokenmix_occlusion` - ``figures/tokenmix_occlusion.{png,svg,csv}`` from complete
   CutMix and TokenMix runs (called by ``python -m tokenmix report``).
 
-Plus the notebook's plumbing: :func:`find_root`, :func:`open_teacher_maps` (the default cache, or
-a small one built in a temporary folder), :func:`occlusion_runs` (the complete runs, or two tiny runs trained on the spot)
-and :func:`occlusion_test_set`. Every lambda here is the **own** share (the package's convention).
+Plus :func:`occlusion_test_set`; the notebook's teacher cache and runs come from
+:func:`tokenmix.analysis.experiments.open_teacher_maps` and
+:func:`~tokenmix.analysis.experiments.occlusion_runs` (the report trains nothing). Every lambda here is the **own** share (the package's convention).
 """
 from __future__ import annotations
 
-import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -27,19 +26,22 @@ import pandas as pd
 import torch
 import torch.nn as nn
 from matplotlib.figure import Figure
+from matplotlib.patches import Rectangle
 from torch import Tensor
 
-from ..analysis import OCCLUSION_RATIOS, black_level, occlusion_accuracy
-from ..methods.base import MixedBatch, TokenGrid
-from ..methods.tokenmix import TokenMix, official_token_count, paper_token_count
-from ..runs import Run, list_runs, load_run
-from .figures import (ArrayLike, _class_name, _draw_token_grid, _finish, _imshow, _tensor, save_figure,
-                      token_map_to_pixels, unnormalize, write_if_changed)
-from .tables import method_label
-from .transmix import OWN_COLOUR, PARTNER_COLOUR, _draw_box
+from tokenmix import methods
+from tokenmix.analysis.probes import OCCLUSION_RATIOS, black_level, occlusion_accuracy
+from tokenmix.data import dataset_info, load_split
+from tokenmix.methods.base import MixedBatch, TokenGrid
+from tokenmix.methods.tokenmix import TokenMix, official_token_count, paper_token_count
+from tokenmix.report.figures import (ArrayLike, _class_name, _draw_token_grid, _finish, _imshow, _tensor, save_figure,
+                                     token_map_to_pixels, unnormalize, write_if_changed)
+from tokenmix.report.tables import method_label
+from tokenmix.report.transmix import OWN_COLOUR, PARTNER_COLOUR, _draw_box
+from tokenmix.train.engine import load_model
+from tokenmix.train.runs import Run, list_runs
 
 #: line colours of the methods (the paper's Figures 4-6: TokenMix red, CutMix green)
-METHOD_COLOURS = {"cutmix": "tab:green", "tokenmix": "tab:red"}
 #: the official 14x14 grid (224 px, patch 16) and the CPU preset's 7x7 grid (28 px, patch 4)
 GRID_14, GRID_7 = TokenGrid(14, 14, 16, 16), TokenGrid(7, 7, 4, 4)
 #: TokenMix settings compared by :func:`mask_count_statistics` (keyword arguments of TokenMix)
@@ -57,86 +59,11 @@ OCCLUSION_METHODS: tuple[str, ...] = ("cutmix", "tokenmix")
 # ---------------------------------------------------------------------------------------------
 # plumbing for the notebook and the report
 
-def find_root(start: str | Path | None = None) -> Path:
-    """The repository root: the first folder from ``start`` (default: the working directory)
-    upwards holding ``pyproject.toml`` and ``tokenmix/__init__.py``; else the folder above the
-    installed package. Lets the notebook find ``runs/`` and ``data/`` from the repository root
-    (papermill ``--cwd``) and from ``notebooks/`` (nbval)."""
-    here = Path(start or Path.cwd()).resolve()
-    for d in (here, *here.parents):
-        if (d / "pyproject.toml").is_file() and (d / "tokenmix" / "__init__.py").is_file():
-            return d
-    return Path(__file__).resolve().parents[2]
-
-
-def open_teacher_maps(dataset: str = "fashion_mnist", img_size: int = 28, teacher: str = "cnn_small",
-                      data_dir: str | Path = "data", fallback_dir: str | Path | None = None, epochs: int = 1,
-                      train_subset: int = 4096, seed: int = 0) -> tuple[Any, Path, bool]:
-    """The ``train`` split of the default teacher cache (``<data_dir>/teacher_maps/...``, built by
-    ``python -m tokenmix teacher``) if it is there and valid; else a small cache built in
-    ``fallback_dir`` (default: a new temporary folder): the teacher trained for ``epochs`` on
-    ``train_subset`` images, maps of the whole training split (about 30 s in all on 2 CPU cores).
-
-    Returns:
-        (TeacherMaps, the cache folder, whether it was built now).
-    """
-    from ..teacher import TeacherCacheError, build_teacher_maps, cache_dir, load_teacher_maps
-    try:
-        return load_teacher_maps(dataset, img_size, teacher, "train", data_dir), \
-            cache_dir(dataset, img_size, teacher, data_dir), False
-    except TeacherCacheError:
-        pass
-    path = Path(fallback_dir) if fallback_dir else Path(tempfile.mkdtemp(prefix="tokenmix-teacher-"))
-    build_teacher_maps(dataset, img_size, teacher, data_dir, path=path, epochs=epochs, train_subset=train_subset,
-                       seed=seed, progress=False, splits=("train",))
-    return load_teacher_maps(dataset, img_size, teacher, "train", data_dir, path), path, True
-
-
-def _usable(run: Run) -> bool:
-    return run.complete and (run.path / "checkpoint.pt").is_file()
-
-
-def occlusion_runs(runs: Mapping[str, str | Path], out_dir: str | Path, teacher_cache: str | Path | None = None,
-                   **config: Any) -> tuple[dict[str, Path], bool]:
-    """Run folders to compare: ``runs`` ({method: folder}) when every folder holds a complete
-    run with a checkpoint; otherwise one tiny run per method trained into ``out_dir``.
-
-    Args:
-        runs: e.g. ``{"cutmix": ".../runs/fmnist-vit_cpu-cutmix-s0", "tokenmix": ...}``; the keys
-            are the methods of the fallback runs.
-        teacher_cache: the teacher cache of the fallback TokenMix run (``method_kwargs``).
-        config: :class:`~tokenmix.config.RunConfig` fields of the fallback runs (e.g.
-            ``train_subset=4096, test_subset=1000, epochs=3``); ``progress`` defaults to False.
-    Returns:
-        ({method: run folder}, whether the runs were trained now).
-    """
-    found = {}
-    for name, path in runs.items():
-        try:
-            if _usable(load_run(path)):
-                found[name] = Path(path)
-        except FileNotFoundError:
-            pass
-    if len(found) == len(runs):
-        return found, False
-    from ..config import RunConfig
-    from ..engine import train
-    out = {}
-    for name in runs:
-        kw = {"progress": False, **config, "method": name, "out_dir": str(out_dir), "run_id": f"{name}-tiny"}
-        if name == "tokenmix" and teacher_cache:
-            kw["method_kwargs"] = {**kw.get("method_kwargs", {}), "teacher_cache": str(teacher_cache)}
-        cfg = RunConfig(**kw)
-        train(cfg)
-        out[name] = Path(out_dir) / cfg.run_id
-    return out, True
-
 
 def occlusion_test_set(dataset: str = "fashion_mnist", img_size: int = 28, n_images: int = 2000,
                        data_dir: str | Path = "data", download: bool = True) -> tuple[Tensor, Tensor, Any]:
     """A fixed random subset of the test split (:func:`tokenmix.data.subset_indices`, seed 0),
     normalised as the test transform does: ((B, C, H, W) float32, (B,) labels, DatasetInfo)."""
-    from ..data import dataset_info, load_split
     info = dataset_info(dataset)
     x, y, _ = load_split(dataset, img_size, False, data_dir, download, subset=n_images)
     mean = torch.tensor(info.mean, dtype=torch.float32).view(1, -1, 1, 1) * 255
@@ -147,10 +74,9 @@ def occlusion_test_set(dataset: str = "fashion_mnist", img_size: int = 28, n_ima
 def occlusion_curves(models: Mapping[str, nn.Module | str | Path], images: Tensor, labels: Tensor,
                      ratios: Sequence[float] = OCCLUSION_RATIOS, fill: Tensor | float = 0.0, seed: int = 0,
                      batch_size: int = 256, grid: TokenGrid | None = None) -> dict[str, dict[float, float]]:
-    """:func:`tokenmix.analysis.occlusion_accuracy` of every model (or run folder, loaded with
-    :func:`tokenmix.engine.load_model`) on the same occlusions: {name: {ratio: top-1 %}}. The patches are
+    """:func:`tokenmix.analysis.probes.occlusion_accuracy` of every model (or run folder, loaded with
+    :func:`tokenmix.train.engine.load_model`) on the same occlusions: {name: {ratio: top-1 %}}. The patches are
     those of ``grid`` (default: each model's own token grid)."""
-    from ..engine import load_model
     out = {}
     for name, m in models.items():
         model = m if isinstance(m, nn.Module) else load_model(m)[0]
@@ -163,7 +89,7 @@ def teacher_mix(x: Tensor, y: Tensor, meta: Mapping[str, Tensor], maps: Any, gri
                 num_classes: int = 10, **tokenmix_kwargs: Any) -> MixedBatch:
     """One TokenMix batch (never the Mixup branch) with teacher targets, from a batch of the
     training set built with ``train_meta=True``. ``maps``: the training split's
-    :class:`~tokenmix.teacher.TeacherMaps`; ``tokenmix_kwargs``: e.g. ``variant``, ``mask``."""
+    :class:`~tokenmix.methods.teacher_maps.TeacherMaps`; ``tokenmix_kwargs``: e.g. ``variant``, ``mask``."""
     method = TokenMix(num_classes, switch_prob=1.0, **tokenmix_kwargs)
     method.grid, method.maps = grid, maps
     return method.mix(x, y, dict(meta))
@@ -191,7 +117,6 @@ def mask_examples(x: Tensor, y: Tensor, grid: TokenGrid, seed: int = 0, num_clas
                   variant: str = "official") -> dict[str, MixedBatch]:
     """The same batch mixed with TokenMix's block mask, its random mask (area labels) and
     CutMix's box, each from ``torch.manual_seed(seed)``: {"block": ..., "random": ..., "cutmix": ...}."""
-    from .. import methods
     out = {}
     for mask in ("block", "random"):
         torch.manual_seed(seed)
@@ -262,7 +187,6 @@ def plot_masks(x: ArrayLike, mixed: Mapping[str, MixedBatch], grid: TokenGrid, s
 def _excluded_overlay(ax: plt.Axes, share: Tensor, grid: TokenGrid, alpha: float = 0.7) -> None:
     """Darken and hatch the tokens Eq. 2 does not count (``share`` (N,) in [0, 1]: how much of
     each token is not counted; partly counted tokens are darkened in proportion)."""
-    from matplotlib.patches import Rectangle
     v = _tensor(share).reshape(grid.rows, grid.cols)
     for r in range(grid.rows):
         for c in range(grid.cols):
@@ -361,7 +285,7 @@ def show_map_alignment(source: ArrayLike, stored: ArrayLike, augmented: ArrayLik
     """A teacher map follows the augmentation: per sample (column), the stored image, its stored
     ground-truth-class map (the cache's h x w logits, clamped at 0), the augmented crop the model
     sees, and the map aligned to that crop on the token grid
-    (:meth:`~tokenmix.teacher.TeacherMaps.token_maps`).
+    (:meth:`~tokenmix.methods.teacher_maps.TeacherMaps.token_maps`).
 
     Args:
         source: (B, C, H, W) the stored images (normalised); stored: (B, h, w) their maps;
@@ -471,11 +395,12 @@ OTHER_COLOURS = ("tab:blue", "tab:purple", "tab:orange", "tab:brown", "tab:olive
 
 
 def _colour(name: str, names: Sequence[str] = ()) -> str:
-    """The method's colour for a plain method name; otherwise the next colour of OTHER_COLOURS by the
-    name's position among the other names (so variants of one method stay distinguishable)."""
-    if name in METHOD_COLOURS:
-        return METHOD_COLOURS[name]
-    others = [n for n in names if n not in METHOD_COLOURS] or [name]
+    """The method's colour (:attr:`~tokenmix.methods.MixMethod.colour`) for a registered method name;
+    otherwise the next colour of OTHER_COLOURS by the name's position among the other names (so
+    variants of one method stay distinguishable)."""
+    if name in methods.available():
+        return methods.method_class(name).colour
+    others = [n for n in names if n not in methods.available()] or [name]
     return OTHER_COLOURS[others.index(name) % len(OTHER_COLOURS)] if name in others else OTHER_COLOURS[0]
 
 
@@ -534,7 +459,7 @@ def find_occlusion_runs(runs_dir: str | Path, dataset: str = "fashion_mnist",
     """The complete runs (with a checkpoint) of ``methods`` on ``dataset`` for one model and image
     size that have a complete run of every one of ``methods`` (the first such pair by name); []
     if none."""
-    runs = [r for r in list_runs(runs_dir) if _usable(r) and r.config.get("dataset") == dataset
+    runs = [r for r in list_runs(runs_dir) if r.has_checkpoint and r.config.get("dataset") == dataset
             and r.config.get("method") in methods]
     key = lambda r: (str(r.config.get("model")), int(r.config.get("img_size", 0)))  # noqa: E731
     for k in sorted({key(r) for r in runs}):
@@ -552,7 +477,7 @@ def write_tokenmix_occlusion(runs_dir: str | Path, figures_dir: str | Path, n_im
 
     Each run's model is evaluated on the same fixed ``n_images`` test images
     (:func:`occlusion_test_set`) with the same random patches set to black
-    (:func:`~tokenmix.analysis.black_level`); runs of one method and variant (seeds) are
+    (:func:`~tokenmix.analysis.probes.black_level`); runs of one method and variant (seeds) are
     averaged in the figure; the CSV has one row per run. Returns the paths written, or [] (writing
     nothing) when there is no such pair of runs.
     """
@@ -584,9 +509,8 @@ def write_tokenmix_occlusion(runs_dir: str | Path, figures_dir: str | Path, n_im
     return paths + [out / "tokenmix_occlusion.csv"]
 
 
-__all__ = ["COUNT_VARIANTS", "GRID_14", "GRID_7", "METHOD_COLOURS", "OCCLUSION_OUTPUTS", "alignment_views",
-           "find_occlusion_runs",
-           "find_root", "mask_count_statistics", "mask_count_table", "mask_examples",
-           "occlusion_curves", "occlusion_runs", "occlusion_table", "occlusion_test_set", "open_teacher_maps",
+__all__ = ["COUNT_VARIANTS", "GRID_14", "GRID_7", "OCCLUSION_OUTPUTS", "alignment_views",
+           "find_occlusion_runs", "mask_count_statistics", "mask_count_table", "mask_examples",
+           "occlusion_curves", "occlusion_table", "occlusion_test_set",
            "plot_count_statistics", "plot_masks", "plot_occlusion", "plot_teacher_targets", "sample_mask_counts",
            "show_map_alignment", "teacher_mix", "write_tokenmix_occlusion"]

@@ -6,9 +6,9 @@
   sample, its partner, their saliency, the replaced tokens and the relabelled target (Eq. 11);
 - :func:`mask_variant_table` - the ``paper`` mask against the ``official`` (row-0) mask on the same
   gains and partners;
-- :func:`curriculum` / :func:`plot_curriculum` - the paper's Figure 4: how many samples HTM mixes
+- :func:`tokenmix.analysis.experiments.curriculum` / :func:`plot_curriculum` - the paper's Figure 4: how many samples HTM mixes
   per batch as a small model trains (the difficulty gate is a curriculum);
-- :func:`latency_table` - the paper's Table 3 from :func:`tokenmix.analysis.saliency_latency`.
+- :func:`latency_table` - the paper's Table 3 from :func:`tokenmix.analysis.probes.saliency_latency`.
 """
 from __future__ import annotations
 
@@ -25,15 +25,16 @@ import torch.nn as nn
 from matplotlib.figure import Figure
 from torch import Tensor
 
-from ..analysis import attention_saliency
-from ..methods.base import TokenGrid
-from ..methods.tokenmixup import (TokenMixup, difficulty, easy_samples, htm_mask, match_partners,
-                                  token_gains)
-from .figures import (ArrayLike, _class_name, _draw_token_grid, _finish, _imshow, _tensor, token_map_to_pixels,
-                      unnormalize)
-from .transmix import OWN_COLOUR, PARTNER_COLOUR
+from tokenmix.analysis.experiments import CurriculumRun
+from tokenmix.analysis.probes import attention_saliency, pearson
+from tokenmix.methods import MixStep
+from tokenmix.methods.base import TokenGrid
+from tokenmix.methods.tokenmixup import TokenMixup, difficulty, easy_samples, htm_mask, match_partners, token_gains
+from tokenmix.report.figures import (ArrayLike, _class_name, _draw_token_grid, _finish, _imshow, _tensor,
+                                     token_map_to_pixels, unnormalize)
+from tokenmix.report.transmix import OWN_COLOUR, PARTNER_COLOUR
 
-#: display names of the detectors of :func:`tokenmix.analysis.saliency_latency`
+#: display names of the detectors of :func:`tokenmix.analysis.probes.saliency_latency`
 DETECTOR_LABELS: dict[str, str] = {
     "gradient": "gradient (Co-Mixup / PuzzleMix)",
     "attention": "attention (TokenMixup, given the block input)",
@@ -133,11 +134,6 @@ class HTMExample:
         return self.easy.nonzero().squeeze(1).tolist()
 
 
-def _gate(method: TokenMixup) -> str:
-    """The difficulty rule the method applies (its ``gate``; older versions tie it to ``variant``)."""
-    return str(getattr(method, "gate", method.variant))
-
-
 def htm_example(model: nn.Module, method: TokenMixup, x: Tensor, y: Tensor, tau: float | None = None) -> HTMExample:
     """Run one training-mode forward of ``model`` (prepared by ``method``, HTM on) on ``x, y``
     without gradients and return what HTM did; ``tau`` temporarily overrides the method's gate
@@ -150,11 +146,10 @@ def htm_example(model: nn.Module, method: TokenMixup, x: Tensor, y: Tensor, tau:
     try:
         model.train()
         with torch.no_grad():
-            from ..methods import MixStep
             res = MixStep(model, method)(x, y)
             mixed, state = res.mixed, res.outputs.extras["htm"]
             sal = attention_saliency(model, mixed.x, method.horizontal_layer, method.saliency)
-        gate = _gate(method)
+        gate = method.gate
         diff = difficulty(state["scorenet_logits"], state["target_pre"], gate)
         info = state["info"]
         return HTMExample(x=mixed.x.detach(), y=y.detach(), saliency=sal, difficulty=diff,
@@ -260,69 +255,10 @@ def mask_variant_table(saliency: Tensor, easy: Tensor, rho: float) -> pd.DataFra
 # ---------------------------------------------------------------------------------------------
 # Figure 4: the curriculum
 
-@dataclass
-class CurriculumRun:
-    """A small TokenMixup training run (:func:`curriculum`).
-
-    Attributes:
-        history: one row per step: ``step``, ``n_mixed`` (samples HTM mixed), ``tokens_replaced``
-            (mean per mixed sample), ``difficulty_median`` (the gate's median score), ``loss``,
-            ``scorenet_loss``, ``batch_top1`` (training-batch accuracy of the model, %).
-        model, method: the trained model (train mode) and its TokenMixup method.
-        batch_size, tau, variant, gate, smoothing: the settings (``gate``: the difficulty rule,
-            ``"official"`` CE / 10 <= tau or ``"paper"`` CE < tau).
-    """
-
-    history: pd.DataFrame
-    model: nn.Module
-    method: TokenMixup
-    batch_size: int
-    tau: float
-    variant: str
-    gate: str
-    smoothing: float
-
-
-def curriculum(images: Tensor, labels: Tensor, steps: int = 300, batch_size: int = 64, num_classes: int = 10,
-               model_name: str = "vit_cpu", variant: str = "paper", gate: str = "official", tau: float = 0.2,
-               smoothing: float = 0.1,
-               input_mix: str = "none", horizontal_layer: int = 2, lr: float = 1e-3, weight_decay: float = 0.05,
-               seed: int = 0, **method_kw: Any) -> CurriculumRun:
-    """Train ``model_name`` with TokenMixup (HTM) for ``steps`` AdamW steps on random batches of
-    ``images`` (normalised (n, C, H, W), used as given, no augmentation) and record per step how
-    many samples the difficulty gate let HTM mix.
-
-    With the paper's gate (``gate="paper"``: CE < tau) and label smoothing s, the soft-target CE
-    cannot fall below the target's entropy (about 0.50 for s = 0.1, K = 10), so at tau = 0.2
-    nothing is ever mixed; the ``official`` gate (CE / 10 <= tau) mixes once the CE is below 10 tau.
-    """
-    from ..methods import get, parameters
-    from ..models import create_model
-
-    torch.manual_seed(seed)
-    model = create_model(model_name, num_classes, images.shape[-1], images.shape[1])
-    kw = dict(method_kw, gate=gate) if "gate" in parameters("tokenmixup") else dict(method_kw)
-    method: TokenMixup = get("tokenmixup", num_classes=num_classes, smoothing=smoothing, variant=variant,
-                             tau=tau, input_mix=input_mix, horizontal_layer=horizontal_layer, **kw)
-    from ..engine import quick_train
-    from ..methods import MixStep
-    mix_step = MixStep(model, method)
-    model = mix_step.model
-    gate = _gate(method)
-    rows = []
-    for step, y, res in quick_train(mix_step, images, labels, steps, batch_size, lr, weight_decay, seed):
-        htm, info, out = res.outputs.extras["htm"], res.info, res.outputs
-        diff = difficulty(htm["scorenet_logits"], htm["target_pre"], gate)
-        rows.append({"step": step, "n_mixed": int(info["n_mixed"]), "tokens_replaced": info["tokens_replaced"],
-                     "difficulty_median": float(diff.median()), "loss": float(res.loss.detach()),
-                     "scorenet_loss": info["scorenet_loss"],
-                     "batch_top1": 100.0 * float((out.logits.argmax(1) == y).float().mean())})
-    return CurriculumRun(pd.DataFrame(rows), model, method, batch_size, float(tau), variant, gate, float(smoothing))
-
 
 def plot_curriculum(run: CurriculumRun, window: int = 10, title: str | None = None,
                     save: str | Path | None = None) -> Figure:
-    """The paper's Figure 4 for a :class:`CurriculumRun`: mixed samples per batch against the step
+    """The paper's Figure 4 for a :class:`~tokenmix.analysis.experiments.CurriculumRun`: mixed samples per batch against the step
     (raw and a ``window``-step moving average), and the gate's median difficulty against tau."""
     h = run.history
     fig, (ax, ax2) = plt.subplots(1, 2, figsize=(9.5, 3.2))
@@ -350,7 +286,7 @@ def plot_curriculum(run: CurriculumRun, window: int = 10, title: str | None = No
 # Table 3: detector cost
 
 def latency_table(results: Mapping[str, float]) -> pd.DataFrame:
-    """Per detector (seconds per call, from :func:`tokenmix.analysis.saliency_latency`): the time
+    """Per detector (seconds per call, from :func:`tokenmix.analysis.probes.saliency_latency`): the time
     in ms and the speed-up over the gradient detector (gradient time / its time)."""
     if "gradient" not in results:
         raise ValueError(f"latency results need a 'gradient' entry, got {sorted(results)}")
@@ -367,14 +303,13 @@ def stack_dataset(dataset: Any, n: int) -> tuple[Tensor, Tensor]:
     return torch.stack([it[0] for it in items]), torch.as_tensor([int(it[1]) for it in items])
 
 
-__all__ = ["CurriculumRun", "DETECTOR_LABELS", "HTMExample", "curriculum", "htm_example", "latency_table",
+__all__ = [ "DETECTOR_LABELS", "HTMExample", "htm_example", "latency_table",
            "mask_variant_table", "plot_curriculum", "plot_htm_example", "plot_saliency_comparison", "stack_dataset"]
 
 
 def saliency_agreement(maps: Mapping[str, Tensor]) -> pd.DataFrame:
     """Mean over the images of the per-image Pearson correlation between every two detectors'
     token maps (a square DataFrame; 1 on the diagonal)."""
-    from ..analysis import pearson
 
     names = list(maps)
     out = pd.DataFrame(index=names, columns=names, dtype=float)

@@ -1,7 +1,7 @@
 """TransMix figures (notebook ``01_transmix``): mixed images with their last-block CLS attention
 and label assignments (TransMix supplement, Figure 1), area lambda against TransMix lambda per
 sample, and the two token masks the variants use. Ratios come from
-:func:`tokenmix.analysis.transmix_ratios`; every lambda shown is the **own** share (the package's
+:func:`tokenmix.analysis.probes.transmix_ratios`; every lambda shown is the **own** share (the package's
 convention; TransMix's paper writes the partner's share 1 - lambda).
 """
 from __future__ import annotations
@@ -15,12 +15,12 @@ import pandas as pd
 from matplotlib.figure import Figure
 from matplotlib.patches import Rectangle
 
-from ..methods.base import MixedBatch, TokenGrid
-from .figures import (ArrayLike, _class_name, _draw_token_grid, _finish, _grid_axes, _imshow, _tensor,
-                      token_map_to_pixels, unnormalize)
+from tokenmix.methods.base import MixedBatch, TokenGrid
+from tokenmix.report.figures import (ArrayLike, _class_name, _draw_token_grid, _finish, _grid_axes, _imshow, _tensor,
+                                     token_map_to_pixels, unnormalize)
 
 OWN_COLOUR, PARTNER_COLOUR = "tab:blue", "tab:orange"
-#: marker colours of the ratio names of :func:`tokenmix.analysis.transmix_ratios`
+#: marker colours of the ratio names of :func:`tokenmix.analysis.probes.transmix_ratios`
 RATIO_COLOURS = {"area": "0.55", "official": "tab:red", "paper": "tab:green",
                  "attention, nearest mask": "tab:purple", "attention, area mask": "tab:olive"}
 
@@ -51,7 +51,7 @@ def show_transmix_samples(x: ArrayLike, mixed: MixedBatch, attn: ArrayLike, grid
         x: (B, C, H, W) the clean images the batch was mixed from.
         mixed: the CutMix :class:`MixedBatch`; attn: (B, N) CLS attention of the mixed forward.
         grid: the token grid; ratios: this batch's own shares per name, each (B,)
-            (:func:`tokenmix.analysis.transmix_ratios`).
+            (:func:`tokenmix.analysis.probes.transmix_ratios`).
         keys: which ratios to show as bars (from top to bottom).
         class_names, mean, std: for titles and un-normalising; n: samples; title, save: as usual.
     Returns:
@@ -72,7 +72,7 @@ def show_transmix_samples(x: ArrayLike, mixed: MixedBatch, attn: ArrayLike, grid
     for k in keys:
         if len(_tensor(ratios[k])) != b:
             raise ValueError(f"ratios[{k!r}] has {len(_tensor(ratios[k]))} values for a batch of {b}: pass this "
-                             "batch's ratios (tokenmix.analysis.transmix_ratios(mixed, attn, grid, K))")
+                             "batch's ratios (tokenmix.analysis.probes.transmix_ratios(mixed, attn, grid, K))")
     vals = {k: _tensor(ratios[k])[:n].numpy() for k in keys}
     y, yp = _tensor(mixed.y).long().tolist(), _tensor(mixed.y_partner).long().tolist()
     box = mixed.extras.get("box")
@@ -116,7 +116,7 @@ def plot_transmix_lambdas(ratios: Mapping[str, ArrayLike], keys: Sequence[str] =
 
     Args:
         ratios: {name: (S,)} own shares of S samples (e.g. from
-            :func:`tokenmix.analysis.collect_transmix_ratios`).
+            :func:`tokenmix.analysis.probes.collect_transmix_ratios`).
         keys: the ratios compared with ``reference``.
         n_bars: samples in the bar chart (indices ``linspace(0, S - 1, n_bars)``); title, save: as usual.
     Returns:

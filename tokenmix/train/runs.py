@@ -86,6 +86,11 @@ class Run:
     def complete(self) -> bool:
         return bool(self.summary) and self.summary.get("status") == "complete"
 
+    @property
+    def has_checkpoint(self) -> bool:
+        """Complete, with its final ``checkpoint.pt`` (a model that can be evaluated)."""
+        return self.complete and (self.path / "checkpoint.pt").is_file()
+
 
 def load_run(path: str | Path) -> Run:
     """Read a run folder. Raises FileNotFoundError when it has no ``config.json``."""

@@ -53,8 +53,8 @@ The others use each method's own mixes:
 - ``TokenMixup (HTM saliency)`` -- **an adaptation**: HTM swaps tokens in feature space at the
   input of block ``horizontal_layer`` during training, where no pixel ground truth exists. Here
   its rule is applied at the *input*: the saliency is the trained model's attention of block
-  ``horizontal_layer`` on the clean images (:func:`tokenmix.analysis.attention_saliency`, the
-  CLS row, as ``TokenMixup._saliency``); every sample is treated as easy (the ScoreNet
+  ``horizontal_layer`` on the clean images (:func:`tokenmix.analysis.probes.attention_saliency`, the
+  CLS row, as TokenMixup's HTM saliency); every sample is treated as easy (the ScoreNet
   difficulty gate is a training-time device and is skipped); partners by the Hungarian matching
   of the saliency gains (:func:`~tokenmix.methods.tokenmixup.match_partners`, over the batch);
   the replaced tokens by :func:`~tokenmix.methods.tokenmixup.htm_mask` (``paper`` rows, ``rho``);
@@ -88,16 +88,19 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
-from .analysis import attention_saliency, pearson
-from .methods.base import MixedBatch, ModelOutputs, Needs, TokenGrid
-from .methods.baselines import CutMix
-from .methods.masks import token_mask_to_pixels
-from .methods.smmix import SMMix, paste_windows
-from .methods.tlalign import TLAlign
-from .methods.tokenmix import TokenMix
-from .methods.tokenmixup import htm_label, htm_mask, match_partners, token_gains
-from .methods.transmix import TransMix
-from .methods.step import forward_outputs
+from tokenmix.analysis.probes import attention_saliency, pearson
+from tokenmix.data import dataset_info, load_split
+from tokenmix.methods.base import MixedBatch, ModelOutputs, Needs, TokenGrid
+from tokenmix.methods.baselines import CutMix
+from tokenmix.methods.masks import token_mask_to_pixels
+from tokenmix.methods.smmix import SMMix, paste_windows
+from tokenmix.methods.step import forward_outputs
+from tokenmix.methods.teacher_maps import TeacherCacheError, load_teacher_maps
+from tokenmix.methods.tlalign import TLAlign
+from tokenmix.methods.tokenmix import TokenMix
+from tokenmix.methods.tokenmixup import htm_label, htm_mask, match_partners, token_gains
+from tokenmix.methods.transmix import TransMix
+from tokenmix.train.engine import load_model
 
 #: the rules, in table order
 RULES: tuple[str, ...] = ("CutMix (area)", "TransMix (official)", "TransMix (paper)", "TL-Align",
@@ -343,7 +346,7 @@ def rule_shares(model: nn.Module, x_raw: Tensor, y: Tensor, mean: Sequence[float
         index: (B,) dataset indices of the images in the split the teacher maps cover
             (needed for ``TokenMix (teacher)``).
         teacher_maps: an object with ``token_maps(index, labels, box, flip, rows, cols,
-            clamp_negative) -> (B, rows * cols)`` (:class:`tokenmix.teacher.TeacherMaps`); None
+            clamp_negative) -> (B, rows * cols)`` (:class:`tokenmix.methods.teacher_maps.TeacherMaps`); None
             skips ``TokenMix (teacher)``.
         seed: ``torch.manual_seed(seed)`` before each method's ``mix``.
         rules: which of :data:`RULES` to compute.
@@ -453,9 +456,6 @@ def measure_run(run_dir: str | Path, data_dir: str | Path = "data", n_batches: i
     Returns:
         (table, samples).
     """
-    from .data import dataset_info, load_split
-    from .engine import load_model
-    from .teacher import TeacherCacheError, load_teacher_maps
     model, cfg = load_model(run_dir)
     info = dataset_info(cfg.dataset)
     x, y, idx = load_split(cfg.dataset, cfg.img_size, False, data_dir, download, subset=n_batches * batch_size)

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import math
 import statistics
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -38,10 +39,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-from .methods.base import MixedBatch, MixMethod, TokenGrid, one_hot
-from .methods.tlalign import initial_own_share, propagate_kdim, propagate_scalar
-from .methods.transmix import TransMix, attention_partner_share, nearest_partner_mask
-from .models.attention import AttentionCapture, QKCapture, attention_from_qk
+from tokenmix.methods.base import MixedBatch, MixMethod, TokenGrid, one_hot
+from tokenmix.methods.tlalign import TLAlign, initial_own_share, propagate_kdim, propagate_scalar
+from tokenmix.methods.tokenmixup import saliency_from_attention
+from tokenmix.methods.transmix import TransMix, attention_partner_share, nearest_partner_mask
+from tokenmix.models.attention import AttentionCapture, QKCapture, attention_from_qk, self_attention_map
 
 QK = tuple[Tensor, Tensor, float]
 
@@ -385,7 +387,6 @@ def layerwise_mixing_ratios(model: nn.Module, mixed: MixedBatch | Sequence[Mixed
 def tlalign_path_difference(model: nn.Module, mixed: MixedBatch, num_classes: int, smoothing: float = 0.1) -> float:
     """max |target_scalar - target_kdim| of :class:`~tokenmix.methods.TLAlign` on one forward of
     ``mixed.x``: the method's own ``aligned_target`` with ``path="scalar"`` and ``path="kdim"``."""
-    from .methods.tlalign import TLAlign
     qk = capture_blocks(model, mixed.x).qk
     targets = []
     for path in ("scalar", "kdim"):
@@ -561,8 +562,6 @@ def attention_saliency(model: nn.Module, x: Tensor, layer: int, saliency: str = 
     Returns:
         (B, N) float32 saliency of the patch tokens.
     """
-    from .methods.tokenmixup import saliency_from_attention
-    from .models.attention import self_attention_map
 
     block = _blocks(model)[layer]
     tokens = block_input(model, x, layer)
@@ -595,7 +594,6 @@ def attention_rollout(model: nn.Module, x: Tensor, upto: int | None = None, sali
     Returns:
         (B, N) float32.
     """
-    from .methods.tokenmixup import saliency_from_attention
 
     n_blocks = len(_blocks(model))
     upto = n_blocks if upto is None else upto
@@ -660,10 +658,7 @@ def saliency_latency(model: nn.Module, x: Tensor, y: Tensor, layer: int, repeats
       including the forward up to ``blocks[layer]`` (an upper bound of the attention detector);
     - ``"random"``: :func:`random_saliency`.
     """
-    import time
 
-    from .methods.tokenmixup import saliency_from_attention
-    from .models.attention import self_attention_map
 
     if repeats < 1 or warmup < 0:
         raise ValueError(f"need repeats >= 1 and warmup >= 0, got {repeats}, {warmup}")

@@ -25,21 +25,21 @@ from typing import Any
 
 import numpy as np
 import timm
-from timm.optim import param_groups_weight_decay
 import torch
 import torch.distributed as dist
 import torch.nn as nn
+from timm.optim import param_groups_weight_decay
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset, RandomSampler, Sampler
+from torch.utils.data import DataLoader, RandomSampler, Sampler
 from tqdm import tqdm
 
-from . import methods
-from .config import ConfigError, RunConfig
-from .data import build_datasets, dataset_info, num_classes_of, random_meta, with_sample_meta
-from .methods import MixMethod, MixStep, StepOutput
-from .models import count_parameters, create_model
-from .runs import (CHECKPOINT, CONFIG, METRICS, SUMMARY, RunExistsError, atomic_torch_save, atomic_write_json,
-                   git_commit, load_run, write_metrics)
+from tokenmix import methods
+from tokenmix.data import build_datasets, dataset_info, num_classes_of, random_meta, with_sample_meta
+from tokenmix.methods import MixMethod, MixStep, StepOutput
+from tokenmix.models import count_parameters, create_model
+from tokenmix.train.config import ConfigError, RunConfig
+from tokenmix.train.runs import (CHECKPOINT, CONFIG, METRICS, SUMMARY, RunExistsError, atomic_torch_save,
+                                 atomic_write_json, git_commit, load_run, write_metrics)
 
 EpochCallback = Callable[[int, dict[str, Any]], None]
 #: config fields that may differ when resuming (they do not change the result)
@@ -246,7 +246,7 @@ def preflight(cfg: RunConfig, world_size: int = 1, method: MixMethod | None = No
     Raises:
         ConfigError: the method cannot run with this model, image size or batch (the message
             names the values and, where there is a list, the valid choices).
-        tokenmix.teacher.TeacherCacheError: missing or stale teacher cache (names the build command).
+        tokenmix.methods.teacher_maps.TeacherCacheError: missing or stale teacher cache (names the build command).
     """
     info = dataset_info(cfg.dataset)
     what = f"method {cfg.method!r} ({cfg.variant}) with model {cfg.model!r} at {cfg.img_size} px"

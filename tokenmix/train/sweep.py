@@ -46,12 +46,15 @@ import traceback
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import yaml
 
-from .config import ConfigError, RunConfig
-from .runs import atomic_write_json, load_run
+from tokenmix import methods
+from tokenmix.methods.teacher_maps import cache_dir
+from tokenmix.train.config import ConfigError, RunConfig
+from tokenmix.train.engine import train
+from tokenmix.train.runs import atomic_write_json, load_run
+from tokenmix.train.teacher import build_teacher_maps
 
 NOTEBOOK = "notebooks/10_train.ipynb"
 LAUNCHERS: tuple[str, ...] = ("papermill", "torchrun", "inprocess")
@@ -148,7 +151,7 @@ def cell_status(cell: Cell) -> str:
 # launchers
 
 def _papermill(cell: Cell, notebook: str | Path, cwd: str | Path) -> None:
-    import papermill as pm
+    import papermill as pm  # deferred: only the papermill launcher needs it, and it loads jupyter (~1 s)
 
     run_dir = Path(cell.config.out_dir) / cell.run_id
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -165,7 +168,6 @@ def _torchrun(cell: Cell, nproc: int) -> None:
 
 
 def _inprocess(cell: Cell) -> None:
-    from .engine import train
 
     train(cell.config)
 
@@ -260,7 +262,6 @@ def smoke_config(cfg: RunConfig, out_dir: str | Path, data_dir: str | Path) -> R
 def smoke_test(grid: Grid, log: Callable[[str], None] = print, workdir: str | Path | None = None) -> list[CellResult]:
     """One tiny training step and evaluation of every cell of ``grid`` (seeds collapsed to the
     first), in-process, in a temporary folder. Returns the results (``failed`` ones say why)."""
-    from .teacher import build_teacher_maps, cache_dir
 
     work = Path(workdir or tempfile.mkdtemp(prefix=f"tokenmix-smoke-{grid.name}-"))
     seen: set[str] = set()
@@ -270,7 +271,8 @@ def smoke_test(grid: Grid, log: Callable[[str], None] = print, workdir: str | Pa
         if key not in seen:
             seen.add(key)
             cells.append(Cell(c.run_id, c.label, smoke_config(c.config, work / "runs", work / "data")))
-    if any(c.config.method == "tokenmix" for c in cells) and not cache_dir("synthetic", 32, data_dir=work / "data").is_dir():
+    needs_maps = any(methods.get(c.config.method, **c.config.method_params(10)).needs.teacher_maps for c in cells)
+    if needs_maps and not cache_dir("synthetic", 32, data_dir=work / "data").is_dir():
         build_teacher_maps("synthetic", 32, data_dir=work / "data", epochs=1)
     smoke = Grid(f"{grid.name} (smoke)", grid.description, str(work / "runs"), grid.notebook, cells)
     return run_sweep(smoke, launcher="inprocess", log=log)

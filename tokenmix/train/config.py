@@ -12,6 +12,10 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any
 
+from tokenmix import methods
+from tokenmix.data import DATASETS, dataset_info
+from tokenmix.models import patch_size_for
+
 
 class ConfigError(ValueError):
     """An invalid run configuration (the message names the bad value and the valid choices)."""
@@ -74,7 +78,6 @@ class RunConfig:
     def __post_init__(self) -> None:
         self.validate()
         if not self.variant:  # resolved, so that run records name the variant actually used
-            from . import methods
             self.variant = methods.parameters(self.method).get("variant") or "official"
 
     # -- construction -----------------------------------------------------------------------
@@ -113,9 +116,6 @@ class RunConfig:
             ok = isinstance(v, t) and not (t in (int, float) and isinstance(v, bool))
             if not ok:
                 raise ConfigError(f"RunConfig.{f.name} must be {t.__name__}, got {v!r} ({type(v).__name__})")
-        from . import methods
-        from .data import DATASETS, dataset_info
-        from .models import patch_size_for
 
         def choice(name: str, value: str, valid: typing.Iterable[str]) -> None:
             valid = list(valid)
@@ -171,7 +171,6 @@ class RunConfig:
     def method_params(self, num_classes: int) -> dict[str, Any]:
         """Constructor arguments for ``methods.get(self.method, ...)``: every config field whose
         name is a parameter of the method, then ``method_kwargs``."""
-        from . import methods
         params = methods.parameters(self.method)
         out: dict[str, Any] = {k: getattr(self, k) for k in params if k in self.field_names()}
         out["num_classes"] = num_classes

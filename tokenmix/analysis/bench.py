@@ -39,18 +39,25 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pandas as pd
+import timm
 import torch
 import torch.nn as nn
+from timm.data import Mixup
+from timm.loss import SoftTargetCrossEntropy
 from torch import Tensor
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
-from . import methods
-from .data import random_meta
-from .engine import resolve_device
-from .methods import MixStep
-from .methods.step import perf_clock
-from .models import create_model
+from tokenmix import methods
+from tokenmix.analysis.probes import saliency_latency
+from tokenmix.data import random_meta
+from tokenmix.methods import MixStep
+from tokenmix.methods.step import perf_clock
+from tokenmix.methods.teacher_maps import TeacherCacheError, TeacherMaps, load_teacher_maps
+from tokenmix.models import create_model
+from tokenmix.train.engine import resolve_device
+from tokenmix.train.runs import atomic_write_bytes
 
 
 @dataclass
@@ -173,7 +180,6 @@ def parse_spec(spec: str) -> tuple[str, dict[str, Any]]:
 def bench_teacher_maps(num_images: int, num_classes: int, map_size: int, top_k: int = 5, seed: int = 0) -> Any:
     """Random in-memory teacher maps of a cache's shape, for timing TokenMix where no cache was built
     (the lookup and alignment cost the same; the labels are meaningless)."""
-    from .teacher import TeacherMaps
     g = np.random.default_rng(seed)
     values = g.standard_normal((num_images, top_k, map_size, map_size)).astype(np.float16)
     classes = g.integers(0, num_classes, (num_images, top_k, map_size, map_size)).astype(np.int16)
@@ -207,8 +213,6 @@ def timm_cutmix_step(model: nn.Module, num_classes: int, x: Tensor, y: Tensor,
     """The plain timm recipe as a user writes it: ``x, target = mixup_fn(x, y)`` with
     ``timm.data.Mixup(mixup_alpha=0, cutmix_alpha=1, label_smoothing=0.1)``, ``model(x)``,
     ``SoftTargetCrossEntropy``, AdamW (the package's overhead is its CutMix step against this)."""
-    from timm.data import Mixup
-    from timm.loss import SoftTargetCrossEntropy
     mixup_fn = Mixup(mixup_alpha=0.0, cutmix_alpha=1.0, label_smoothing=0.1, num_classes=num_classes)
     criterion = SoftTargetCrossEntropy()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
@@ -245,7 +249,6 @@ def step_time_ratios(specs: list[str], reference: str = "cutmix", model: str = "
     if reference not in specs:
         specs = [reference] + list(specs)
     dev = resolve_device(device)
-    sync = (lambda: torch.cuda.synchronize(dev)) if dev.type == "cuda" else (lambda: None)
     torch.manual_seed(seed)
     base = create_model(model, num_classes, img_size, in_chans, patch_size=patch_size).to(dev)
     x = torch.randn(batch_size, in_chans, img_size, img_size, device=dev)
@@ -335,7 +338,7 @@ SETTINGS: tuple[BenchSetting, ...] = (
 )
 SUITE_METHODS: tuple[str, ...] = ("cutmix", TIMM_REFERENCE, "mixup", "mixup_cutmix", "transmix", "tl_align", "tl_align:path=kdim",
                                   "tokenmix", "tokenmixup:tokenmixup_mode=htm", "tokenmixup:tokenmixup_mode=vtm", "smmix")
-#: the step-time targets of the CPU preset (ratio to CutMix), from the issue tracker's issue 9
+#: the step-time targets of the CPU preset (ratio to CutMix): what each method's extra work should cost
 TARGETS: dict[str, float] = {"transmix": 1.03, "tl_align": 1.05, "tl_align:path=kdim": 1.05, "tokenmix": 1.05,
                              "tokenmixup:tokenmixup_mode=htm": 1.15, "tokenmixup:tokenmixup_mode=vtm": 1.10, "smmix": 1.25}
 #: the package's CutMix step may cost at most this much more than the hand-written timm step
@@ -346,7 +349,6 @@ SALIENCY_SPEEDUP_TARGET = 10.0
 
 def machine_description() -> str:
     """One line: CPU model, cores, torch threads, GPU if any, OS, Python, torch and timm versions."""
-    import timm
     cpu = platform.processor() or platform.machine()
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -363,7 +365,6 @@ def machine_description() -> str:
 
 def _suite_teacher_maps(setting: BenchSetting, data_dir: str | Path) -> tuple[Any, str]:
     """The setting's real teacher cache when one was built, else random maps of the same shape."""
-    from .teacher import TeacherCacheError, load_teacher_maps
     try:
         return load_teacher_maps(setting.dataset, setting.img_size, data_dir=data_dir), "the teacher cache"
     except (TeacherCacheError, ValueError):
@@ -423,7 +424,7 @@ class SuiteResult:
                  f"Measured {self.date} by `python -m tokenmix bench` ({self.seconds:.0f} s) on {self.machine}. "
                  "Whole training steps (mix + forward with the method's captures + loss + backward + AdamW), "
                  "one model copy per method, methods interleaved after a warm-up; **vs CutMix** is the ratio "
-                 "of kind-weighted medians (module `tokenmix.bench`). **mix** and **loss + label** time the "
+                 "of kind-weighted medians (module `tokenmix.analysis.bench`). **mix** and **loss + label** time the "
                  "method's own code inside those steps. **Peak memory**: one separate step per method; on "
                  "the CPU the peak of live tensor storages allocated during the step (activations, gradients, "
                  "temporaries; not the parameters), on CUDA the allocator's peak. Targets apply to the CPU "
@@ -449,15 +450,16 @@ class SuiteResult:
                               f"`SoftTargetCrossEntropy`): the package's CutMix step costs **{over:.3f}×** it "
                               f"(target ≤ {TIMM_OVERHEAD_TARGET:.2f}×"
                               + (": ✓)." if over <= TIMM_OVERHEAD_TARGET else ": **missed**).")]
-            if "tl_align" in by and "tl_align:path=kdim" in by:
-                k, sc = by["tl_align:path=kdim"], by["tl_align"]
-                lines += ["", f"TL-Align's K-dimensional path (the official (T×T)·(T×K) products) against its "
-                              f"scalar path: {k.typical_s / sc.typical_s:.3f}× the step; loss + label "
-                              f"{1000 * k.loss_s:.2f} vs {1000 * sc.loss_s:.2f} ms."]
+            for spec, r in by.items():  # a configured variant against the method's defaults
+                base = parse_spec(spec)[0]
+                if spec != base and base in by:
+                    d = by[base]
+                    lines += ["", f"`{spec}` against `{base}`: {r.typical_s / d.typical_s:.3f}× the step; loss + "
+                                  f"label {1000 * r.loss_s:.2f} vs {1000 * d.loss_s:.2f} ms."]
             lines.append("")
         sal = self.saliency
         lines += [f"**TokenMixup's saliency detectors** ({self.saliency_setting}; median per batch, interleaved; "
-                  f"`tokenmix.analysis.saliency_latency`): gradient saliency is **{self.saliency_speedup:.1f}×** "
+                  f"`tokenmix.analysis.probes.saliency_latency`): gradient saliency is **{self.saliency_speedup:.1f}×** "
                   f"slower than the attention saliency TokenMixup uses (target ≥ {SALIENCY_SPEEDUP_TARGET:.0f}×: "
                   + ("✓" if self.saliency_speedup >= SALIENCY_SPEEDUP_TARGET else "**missed**") + ").", "",
                   "| detector | ms per batch | vs attention |", "|---|---:|---:|"]
@@ -469,9 +471,7 @@ class SuiteResult:
 
     def write(self, out_dir: str | Path) -> list[Path]:
         """Write ``bench.csv`` (step rows), ``bench_saliency.csv`` and ``bench.md`` atomically."""
-        import pandas as pd
 
-        from .runs import atomic_write_bytes
         out = Path(out_dir)
         paths = [out / "bench.csv", out / "bench_saliency.csv", out / "bench.md"]
         atomic_write_bytes(paths[0], pd.DataFrame(self.table()).to_csv(index=False, float_format="%.4f").encode())
@@ -487,7 +487,6 @@ def run_suite(settings: Sequence[BenchSetting] = SETTINGS, specs: Sequence[str] 
               log: Callable[[str], None] = print, device: str = "cpu") -> SuiteResult:
     """Every method in every setting (interleaved within a setting), then the saliency latencies
     of TokenMixup's detectors on the first setting's model (at TokenMixup's default HTM block)."""
-    from .analysis import saliency_latency
     t0 = time.perf_counter()
     steps, notes = {}, {}
     for st in settings:

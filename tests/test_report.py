@@ -17,8 +17,10 @@ from matplotlib.figure import Figure  # noqa: E402
 
 from tokenmix import methods  # noqa: E402
 from tokenmix.methods import TokenGrid  # noqa: E402
-from tokenmix.report import (OUTPUTS, main, markdown_table, mixed_targets_table, plot_curves, results_markdown,
-                             results_table, show_attention, show_images, show_mixed_batch, summary_table)
+from tokenmix.report import (OUTPUTS, main, markdown_table, mixed_targets_table, paired_table, plot_curves,
+                             results_markdown, results_table, show_attention, show_images, show_mixed_batch,
+                             summary_table)
+from tokenmix.report.tables import holm
 from tokenmix.report.figures import unnormalize
 from tokenmix.train.runs import atomic_write_json, list_runs, load_run, write_metrics  # noqa: E402
 
@@ -80,8 +82,9 @@ def row(df: pd.DataFrame, method: str, dataset: str = "fashion_mnist") -> pd.Ser
 
 def test_results_table_aggregates_over_seeds(runs_dir):
     df = results_table(list_runs(runs_dir))
-    assert list(df.columns) == ["method", "model", "dataset", "epochs", "n_seeds", "top1_mean", "top1_std",
-                                "best_top1", "time_per_epoch_s", "images_per_s", "rel_time_vs_cutmix"]
+    assert list(df.columns) == ["method", "model", "dataset", "train_images", "epochs", "n_seeds", "top1_mean",
+                                "top1_std", "best_top1", "train_top1", "time_per_epoch_s", "images_per_s",
+                                "rel_time_vs_cutmix"]
     assert len(df) == 4  # cutmix, mixup, mixup[paper] on fashion_mnist; mixup on synthetic
     cm = row(df, "cutmix")
     assert cm.n_seeds == 3  # the failed and the unfinished runs are not counted
@@ -122,6 +125,56 @@ def test_results_table_keeps_method_kwargs_apart(tmp_path):
     df = results_table(list_runs(tmp_path))
     assert sorted(df["method"]) == ["tokenmix", "tokenmix[paper]", "tokenmix{labels=area,mask=random}"]
     assert (df["n_seeds"] == 1).all()
+
+
+def test_paired_difference_to_cutmix_by_hand(runs_dir):
+    """mixup 60/64 vs cutmix 70/72 on seeds 0/1: differences -10, -8 -> mean -9, sd sqrt(2); the
+    paired t is -9 on 1 degree of freedom (a Cauchy law: p = 1 - 2 atan(9) / pi), the 95 % interval
+    -9 +- t(0.975, 1) * 1 with t(0.975, 1) = tan(0.475 pi)."""
+    df = paired_table(list_runs(runs_dir))
+    mu = row(df, "mixup")
+    assert mu.n_pairs == 2 and mu.reference == "cutmix"
+    assert mu.diff_mean == pytest.approx(-9.0) and mu.diff_std == pytest.approx(math.sqrt(2))
+    half = math.tan(0.475 * math.pi)
+    assert (mu.ci_low, mu.ci_high) == (pytest.approx(-9 - half), pytest.approx(-9 + half))
+    assert mu.t == pytest.approx(-9.0)
+    assert mu.p_value == pytest.approx(1 - 2 * math.atan(9) / math.pi)
+    assert mu.p_holm == pytest.approx(mu.p_value)  # mixup[paper] has one pair: no p, not in the family
+    assert not mu.significant
+    paper = row(df, "mixup[paper]")
+    assert paper.n_pairs == 1 and paper.diff_mean == pytest.approx(-60.0) and math.isnan(paper.p_value)
+    assert "cutmix" not in set(df.method)  # the reference is not compared with itself
+    assert "synthetic" not in set(df.dataset)  # no CutMix there: nothing to pair with
+
+
+def test_holm_adjustment_by_hand():
+    # sorted 0.01, 0.03, 0.04 -> 3 * 0.01, max(0.03, 2 * 0.03), max(0.06, 1 * 0.04); NaN stays out
+    assert np.allclose(holm([0.01, 0.04, 0.03, float("nan")])[:3], [0.03, 0.06, 0.06])
+    assert math.isnan(holm([0.01, 0.04, 0.03, float("nan")])[3])
+    assert holm([0.6, 0.9]).tolist() == [1.0, 1.0]  # capped at 1
+
+
+def test_runs_under_different_protocols_are_neither_pooled_nor_paired(tmp_path):
+    for seed in (0, 1, 2):
+        fake_run(tmp_path, f"c{seed}", "cutmix", seed, final=70.0 + seed)
+        fake_run(tmp_path, f"m{seed}", "mixup", seed, final=72.0 + seed)
+        fake_run(tmp_path, f"m-long{seed}", "mixup", seed, final=90.0, epochs=5)  # another schedule
+    runs = list_runs(tmp_path)
+    df = results_table(runs)
+    assert sorted(zip(df.method, df.epochs)) == [("cutmix", "2"), ("mixup", "2"), ("mixup", "5")]
+    paired = paired_table(runs)
+    assert len(paired) == 1  # the 5-epoch runs have no CutMix under their protocol
+    r = paired.iloc[0]
+    # identical differences (+2 on every seed): zero variance, an exact interval and p = 0
+    assert r.diff_mean == pytest.approx(2.0) and r.ci_low == r.ci_high == pytest.approx(2.0)
+    assert r.p_value == 0.0 and r.significant
+
+
+def test_markdown_shows_the_paired_difference(runs_dir):
+    runs = list_runs(runs_dir)
+    md = results_markdown(results_table(runs), paired_table(runs))
+    line = next(line for line in md.splitlines() if line.startswith("| mixup ") and "fashion_mnist" in line)
+    assert "-9.00 [-21.71, +3.71]" in line and "*" not in line.split("|")[8]
 
 
 def cells(line: str) -> list[str]:
@@ -183,7 +236,7 @@ def test_main_writes_files_and_is_idempotent(runs_dir, tmp_path, capsys):
     assert len(csv) == len(df)
     np.testing.assert_allclose(csv.top1_mean, df.top1_mean, atol=1e-4)
     assert b"<dc:date>" not in first["training_curves.svg"]
-    assert (figs / "results.md").read_text() == results_markdown(df)
+    assert (figs / "results.md").read_text() == results_markdown(df, paired_table(list_runs(runs_dir)))
 
 
 @pytest.mark.parametrize("setup", ["missing", "empty", "incomplete"])

@@ -114,3 +114,44 @@ def test_fmnist_study_grid_is_the_issue_protocol():
                              "tokenmixup_vtm", "smmix", "tl_align"])
     assert sorted({c.config.seed for c in grid.cells}) == [0, 1]
     assert {c.config.model for c in grid.cells} == {"vit_cpu"}
+
+
+def test_regimes_cross_methods_and_name_the_runs(tmp_path):
+    p = tmp_path / "r.yaml"
+    p.write_text(json.dumps({"name": "r", "out_dir": str(tmp_path / "runs"), "base": TINY_BASE,
+                             "regimes": [{"name": "short", "epochs": 1}, {"name": "long_noflip", "epochs": 3,
+                                                                          "hflip": False}],
+                             "axes": {"seed": [0, 1]}, "methods": [{"method": "cutmix"}, {"method": "none"}]}))
+    g = load_grid(p)
+    assert len(g.cells) == 8
+    by_id = {c.run_id: c.config for c in g.cells}
+    assert by_id["synthetic-tiny_deit-long_noflip-none-s1"].epochs == 3
+    assert by_id["synthetic-tiny_deit-long_noflip-none-s1"].hflip is False
+    assert by_id["synthetic-tiny_deit-short-cutmix-s0"].epochs == 1 and by_id["synthetic-tiny_deit-short-cutmix-s0"].hflip
+    assert [c.run_id for c in g.cells][:2] == ["synthetic-tiny_deit-short-cutmix-s0", "synthetic-tiny_deit-short-cutmix-s1"]
+
+
+@pytest.mark.parametrize("regimes, match", [
+    ([{"epochs": 2}], "needs a `name`"),
+    ([{"name": "a/b", "epochs": 2}], "needs a `name`"),
+    ([{"name": "a", "epochs": 2}, {"name": "a", "epochs": 3}], "regime names must differ"),
+    ([{"name": "a", "epochz": 2}], "epochz"),
+])
+def test_bad_regimes_are_refused(tmp_path, regimes, match):
+    p = tmp_path / "r.yaml"
+    p.write_text(json.dumps({"name": "r", "base": TINY_BASE, "regimes": regimes, "methods": [{"method": "cutmix"}]}))
+    with pytest.raises(ConfigError, match=match):
+        load_grid(p)
+
+
+def test_jobs_run_cells_side_by_side(tmp_path):
+    grid = load_grid(write_grid(tmp_path, [{"method": "mixup"}, {"method": "cutmix"}], base={"threads": 1}))
+    lines: list[str] = []
+    res = run_sweep(grid, launcher="papermill", cwd=REPO, log=lines.append, jobs=2)
+    assert [r.status for r in res] == ["done", "done"], [r.error for r in res]
+    assert [r.run_id for r in res] == [c.run_id for c in grid.cells]  # results keep the grid's order
+    assert sum("starting" in line for line in lines) == 2
+    with pytest.raises(ValueError, match="inprocess"):
+        run_sweep(grid, launcher="inprocess", jobs=2)
+    with pytest.raises(ValueError, match="jobs must be >= 1"):
+        run_sweep(grid, launcher="papermill", jobs=0)

@@ -343,6 +343,15 @@ def build_datasets(dataset: str, img_size: int, data_dir: str | Path = "data", d
     return out[0], out[1], info
 
 
+def clean_train_view(train: InMemoryImages, test: InMemoryImages, n: int) -> InMemoryImages:
+    """The first ``n`` training images (all if fewer) with the test transform (no augmentation):
+    what the model's training accuracy is measured on, for the train/test gap."""
+    if not isinstance(train, InMemoryImages) or not isinstance(test, InMemoryImages):
+        raise TypeError(f"clean_train_view needs in-memory datasets, got {type(train).__name__}")
+    n = min(n, len(train))
+    return InMemoryImages(train.images[:n], train.labels[:n], test.transform, train.classes, train.source_index[:n])
+
+
 class CropFlipWithMeta:
     """RandomResizedCrop (scale 0.08-1, ratio 3/4-4/3, bicubic) + horizontal flip on a PIL image that
     also reports the crop box (normalised (y0, x0, y1, x1)) and the flip — timm's primary train

@@ -7,8 +7,8 @@ the study's in :mod:`~tokenmix.report.study`). The report trains no model: the s
 behind some figures are in :mod:`tokenmix.analysis.experiments`.
 
 ``python -m tokenmix report --runs runs --figures figures`` (``make figures``) calls :func:`main`,
-which writes ``training_curves.{png,svg}``, ``results.md`` and ``results.csv`` from the complete
-runs, and ``tokenmix_occlusion.{png,svg,csv}`` (TokenMix's Figure 5) when there are complete
+which writes ``training_curves.{png,svg}``, ``results.md``, ``results.csv`` and ``paired.csv`` (each
+method's paired difference to CutMix) from the complete runs, and ``tokenmix_occlusion.{png,svg,csv}`` (TokenMix's Figure 5) when there are complete
 Fashion-MNIST runs of CutMix and TokenMix (:func:`~tokenmix.report.tokenmix.write_tokenmix_occlusion`).
 The notebooks show the same functions' figures.
 """
@@ -24,13 +24,13 @@ from tokenmix.report.fidelity import write_label_fidelity
 from tokenmix.report.figures import (find_root, plot_curves, save_figure, show_attention, show_images, show_mixed_batch,
                                      write_if_changed)
 from tokenmix.report.study import MAIN_TABLES, paper_table_markdown, write_study_figures
-from tokenmix.report.tables import (markdown_table, mixed_targets_table, results_display, results_markdown,
-                                    results_table, summary_table)
+from tokenmix.report.tables import (markdown_table, mixed_targets_table, paired_table, results_display,
+                                    results_markdown, results_table, summary_table)
 from tokenmix.report.tokenmix import OCCLUSION_METHODS, write_tokenmix_occlusion
 from tokenmix.train.runs import list_runs
 
 #: files written by :func:`main` into the figures folder
-OUTPUTS: tuple[str, ...] = ("training_curves.png", "training_curves.svg", "results.md", "results.csv")
+OUTPUTS: tuple[str, ...] = ("training_curves.png", "training_curves.svg", "results.md", "results.csv", "paired.csv")
 
 
 def write_report(runs_dir: str | Path, figures_dir: str | Path) -> list[Path]:
@@ -46,10 +46,11 @@ def write_report(runs_dir: str | Path, figures_dir: str | Path) -> list[Path]:
         paths = save_figure(fig, out / "training_curves")
     finally:
         plt.close(fig)
-    df = results_table(runs)
+    df, paired = results_table(runs), paired_table(runs)
     write_if_changed(out / "results.csv", df.to_csv(index=False, float_format="%.4f", lineterminator="\n").encode())
-    write_if_changed(out / "results.md", results_markdown(df).encode())
-    return paths + [out / "results.md", out / "results.csv"]
+    write_if_changed(out / "paired.csv", paired.to_csv(index=False, float_format="%.4f", lineterminator="\n").encode())
+    write_if_changed(out / "results.md", results_markdown(df, paired).encode())
+    return paths + [out / "results.md", out / "results.csv", out / "paired.csv"]
 
 
 README_START, README_END = "<!-- results:start -->", "<!-- results:end -->"
@@ -153,5 +154,5 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 __all__ = ["OUTPUTS", "README_BLOCKS", "README_END", "README_START", "fill_readme", "find_root", "main",
-           "markdown_table", "mixed_targets_table", "plot_curves", "provenance", "results_display", "results_table",
+           "markdown_table", "mixed_targets_table", "paired_table", "plot_curves", "provenance", "results_display", "results_table",
            "show_attention", "show_images", "show_mixed_batch", "summary_table", "update_readme", "write_report"]

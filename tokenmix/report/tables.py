@@ -1,5 +1,6 @@
-"""Tables from run records: the results table (mean ± std over seeds, cost relative to CutMix),
-a dependency-free markdown writer, and small display tables for notebooks."""
+"""Tables from run records: the results table (mean ± std over seeds, the paired difference to
+CutMix with its confidence interval and test, cost relative to CutMix), a dependency-free markdown
+writer, and small display tables for notebooks."""
 from __future__ import annotations
 
 import math
@@ -8,15 +9,26 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+from scipy import stats
 
 from tokenmix.methods.base import MixedBatch
 from tokenmix.train.runs import Run
 
 #: columns of :func:`results_table`, in order
-RESULT_COLUMNS: tuple[str, ...] = ("method", "model", "dataset", "epochs", "n_seeds", "top1_mean", "top1_std",
-                                   "best_top1", "time_per_epoch_s", "images_per_s", "rel_time_vs_cutmix")
+RESULT_COLUMNS: tuple[str, ...] = ("method", "model", "dataset", "train_images", "epochs", "n_seeds", "top1_mean",
+                                   "top1_std", "best_top1", "train_top1", "time_per_epoch_s", "images_per_s",
+                                   "rel_time_vs_cutmix")
 #: the method every other method's cost is compared with
 REFERENCE_METHOD = "cutmix"
+
+
+#: config fields that make a protocol: runs that differ in one of them are never pooled or paired
+PAIR_KEYS: tuple[str, ...] = ("model", "dataset", "epochs", "train_subset", "test_subset", "img_size", "batch_size",
+                              "lr", "hflip", "crop_padding", "randaugment", "smoothing")
+
+
+def _protocol(run: Run) -> tuple[str, ...]:
+    return tuple(str(run.config.get(k)) for k in PAIR_KEYS)
 
 
 def method_label(run: Run) -> str:
@@ -42,45 +54,126 @@ def results_table(runs: Sequence[Run]) -> pd.DataFrame:
 
     Columns (``RESULT_COLUMNS``):
         method: the method name, with ``[variant]`` appended for non-official variants.
-        epochs: the run length, e.g. ``"10"`` (``"2/10"`` if the group mixes lengths).
+        train_images: the training-set size (``train_subset``; 0 = the whole split).
+        epochs: the run length, e.g. ``"10"``.
         n_seeds: number of runs in the group (one per seed).
         top1_mean, top1_std: mean and sample standard deviation (ddof=1; NaN for one run) of the
             final test top-1 (%).
         best_top1: mean over the runs of each run's best-epoch test top-1 (%).
+        train_top1: mean final clean top-1 on the training images (``eval_train``; NaN if not logged).
         time_per_epoch_s, images_per_s: means over the runs (training throughput; time per epoch
             includes evaluation).
         rel_time_vs_cutmix: time_per_epoch_s / that of ``cutmix`` on the same model and dataset
             (NaN when there is no CutMix row).
 
-    Rows are sorted by dataset, model, method.
+    Runs of one method under different protocols (:data:`PAIR_KEYS`, e.g. another training-set
+    size or schedule) are different rows, never pooled as seeds. Rows are sorted by dataset,
+    model, protocol, method.
     """
-    rows: dict[tuple[str, str, str], list[Run]] = {}
+    rows: dict[tuple, list[Run]] = {}
     for run in runs:
         if not run.complete:
             continue
-        cfg, summ = run.config, run.summary or {}
-        key = (method_label(run), str(cfg.get("model", summ.get("model", "?"))),
-               str(cfg.get("dataset", summ.get("dataset", "?"))))
-        rows.setdefault(key, []).append(run)
+        rows.setdefault((_protocol(run), method_label(run)), []).append(run)
     out = []
-    for (method, model, dataset), group in sorted(rows.items(), key=lambda kv: (kv[0][2], kv[0][1], kv[0][0])):
+    for (proto, method), group in sorted(rows.items(), key=lambda kv: (kv[0][0][1], kv[0][0][0], kv[0][0], kv[0][1])):
         final = np.array([_num(r.summary.get("final_top1")) for r in group])
-        epochs = sorted({int(r.summary.get("epochs", r.config.get("epochs", 0))) for r in group})
+        cfg = group[0].config
         out.append({
-            "method": method, "model": model, "dataset": dataset, "epochs": "/".join(map(str, epochs)),
+            "method": method, "model": str(cfg.get("model", "?")), "dataset": str(cfg.get("dataset", "?")),
+            "train_images": int(cfg.get("train_subset", 0) or 0), "epochs": str(cfg.get("epochs", "?")),
             "n_seeds": len(group),
             "top1_mean": float(np.mean(final)),
             "top1_std": float(np.std(final, ddof=1)) if len(group) > 1 else float("nan"),
             "best_top1": float(np.mean([_num(r.summary.get("best_top1")) for r in group])),
+            "train_top1": float(np.mean([_num(r.summary.get("final_train_top1")) for r in group])),
             "time_per_epoch_s": float(np.mean([_num(r.summary.get("time_per_epoch_s")) for r in group])),
             "images_per_s": float(np.mean([_num(r.summary.get("images_per_s")) for r in group])),
         })
     df = pd.DataFrame(out, columns=list(RESULT_COLUMNS[:-1]))
-    ref = {(r["model"], r["dataset"]): r["time_per_epoch_s"] for r in out if r["method"] == REFERENCE_METHOD}
+    ref = {(r["model"], r["dataset"], r["train_images"], r["epochs"]): r["time_per_epoch_s"]
+           for r in out if r["method"] == REFERENCE_METHOD}
     df["rel_time_vs_cutmix"] = [
-        row.time_per_epoch_s / ref[(row.model, row.dataset)] if (row.model, row.dataset) in ref else float("nan")
-        for row in df.itertuples()]
+        row.time_per_epoch_s / ref[k] if (k := (row.model, row.dataset, row.train_images, row.epochs)) in ref
+        else float("nan") for row in df.itertuples()]
     return df.reset_index(drop=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# paired statistics
+
+#: columns of :func:`paired_table`, in order
+PAIRED_COLUMNS: tuple[str, ...] = ("method", "model", "dataset", "reference", "n_pairs", "diff_mean", "diff_std",
+                                   "ci_low", "ci_high", "t", "p_value", "p_holm", "significant")
+
+def holm(p_values: Sequence[float]) -> np.ndarray:
+    """Holm's step-down adjustment of a family of p-values (NaNs are left out of the family)."""
+    p = np.asarray(p_values, dtype=float)
+    out = np.full_like(p, np.nan)
+    ok = np.flatnonzero(~np.isnan(p))
+    order = ok[np.argsort(p[ok])]
+    m, running = len(order), 0.0
+    for rank, i in enumerate(order):
+        running = max(running, min(1.0, (m - rank) * p[i]))
+        out[i] = running
+    return out
+
+
+def paired_table(runs: Sequence[Run], reference: str = REFERENCE_METHOD, confidence: float = 0.95,
+                 alpha: float = 0.05) -> pd.DataFrame:
+    """Each method's **paired** difference in final test top-1 to ``reference`` (CutMix).
+
+    A pair is two complete runs with the same seed and the same protocol (:data:`PAIR_KEYS`): the
+    engine gives them the same initial weights and the same data order, so the difference removes
+    the seed's share of the noise. Per method (columns :data:`PAIRED_COLUMNS`):
+
+        n_pairs: seeds with both runs; diff_mean, diff_std: mean and sample std of
+            ``top1(method) - top1(reference)`` (percentage points);
+        ci_low, ci_high: the ``confidence`` t-interval of the mean difference (NaN below 2 pairs);
+        t, p_value: the paired t-test (``scipy.stats.ttest_rel``, two-sided);
+        p_holm: Holm-adjusted over the methods of the same (model, dataset, protocol) family;
+        significant: ``p_holm < alpha``.
+
+    A zero-variance set of differences gives an infinite t and p = 0 when the mean is not zero.
+    """
+    by: dict[tuple, dict[str, dict[int, float]]] = {}
+    for run in runs:
+        if run.complete:
+            seeds = by.setdefault(_protocol(run), {}).setdefault(method_label(run), {})
+            seeds[int(run.config.get("seed", 0))] = _num(run.summary.get("final_top1"))
+    rows = []
+    for key, methods_ in sorted(by.items()):
+        ref = methods_.get(reference)
+        if not ref:
+            continue
+        family = []
+        for method, seeds in sorted(methods_.items()):
+            if method == reference:
+                continue
+            common = sorted(set(seeds) & set(ref))
+            d = np.array([seeds[s] - ref[s] for s in common])
+            n = len(d)
+            mean = float(d.mean()) if n else float("nan")
+            sd = float(d.std(ddof=1)) if n > 1 else float("nan")
+            lo = hi = t = pv = float("nan")
+            if n > 1:
+                if sd > 0:
+                    half = stats.t.ppf(0.5 + confidence / 2, n - 1) * sd / math.sqrt(n)
+                    lo, hi = mean - half, mean + half
+                    res = stats.ttest_rel([seeds[s] for s in common], [ref[s] for s in common])
+                    t, pv = float(res.statistic), float(res.pvalue)
+                else:
+                    lo = hi = mean
+                    t, pv = (math.copysign(math.inf, mean), 0.0) if mean else (float("nan"), 1.0)
+            family.append({"method": method, "model": key[0], "dataset": key[1], "reference": reference,
+                           "n_pairs": n, "diff_mean": mean, "diff_std": sd, "ci_low": lo, "ci_high": hi,
+                           "t": t, "p_value": pv})
+        adjusted = holm([r["p_value"] for r in family])
+        for r, ph in zip(family, adjusted):
+            r["p_holm"] = float(ph)
+            r["significant"] = bool(ph < alpha) if not math.isnan(ph) else False
+        rows += family
+    return pd.DataFrame(rows, columns=list(PAIRED_COLUMNS))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -114,36 +207,69 @@ def markdown_table(df: pd.DataFrame, floatfmt: str = ".2f", right: Sequence[str]
 
 
 #: right-aligned columns of :func:`results_display`
-DISPLAY_NUMERIC: tuple[str, ...] = ("epochs", "seeds", "top-1 (%)", "best top-1 (%)", "s / epoch", "images / s",
-                                    "time vs CutMix")
+DISPLAY_NUMERIC: tuple[str, ...] = ("train images", "epochs", "seeds", "top-1 (%)", "Δ vs CutMix (pp) [95 % CI]",
+                                    "p (Holm)", "best top-1 (%)", "train top-1 (%)", "s / epoch", "time vs CutMix")
 
 
-def results_display(df: pd.DataFrame) -> pd.DataFrame:
-    """The results table formatted for reading: ``mean ± std`` top-1, rounded times, ``×`` cost."""
+def _paired_cells(df: pd.DataFrame, paired: pd.DataFrame | None) -> tuple[list[str], list[str]]:
+    """Per results row: the paired difference to CutMix with its CI (``*`` = significant after
+    Holm) and the Holm-adjusted p-value, or "—"."""
+    look = {} if paired is None else {(r.method, r.model, r.dataset): r for r in paired.itertuples()}
+    diff, pv = [], []
+    for row in df.itertuples():
+        r = look.get((row.method, row.model, row.dataset))
+        if row.method == REFERENCE_METHOD:
+            diff.append("0 (reference)")
+            pv.append("—")
+        elif r is None or not r.n_pairs:
+            diff.append("—")
+            pv.append("—")
+        else:
+            ci = "" if math.isnan(r.ci_low) else f" [{r.ci_low:+.2f}, {r.ci_high:+.2f}]"
+            diff.append(f"{r.diff_mean:+.2f}{ci}{' *' if r.significant else ''}")
+            pv.append("—" if math.isnan(r.p_holm) else f"{r.p_holm:.3f}")
+    return diff, pv
+
+
+def results_display(df: pd.DataFrame, paired: pd.DataFrame | None = None) -> pd.DataFrame:
+    """The results table formatted for reading: ``mean ± std`` top-1, the paired difference to
+    CutMix (from :func:`paired_table`, when given), rounded times, ``×`` cost."""
     def pm(mean: float, std: float) -> str:
         return f"{mean:.2f}" if math.isnan(std) else f"{mean:.2f} ± {std:.2f}"
 
-    return pd.DataFrame({
-        "method": df["method"], "model": df["model"], "dataset": df["dataset"], "epochs": df["epochs"],
+    diff, pv = _paired_cells(df, paired)
+    out = pd.DataFrame({
+        "method": df["method"], "model": df["model"], "dataset": df["dataset"],
+        "train images": ["all" if not v else str(v) for v in df["train_images"]], "epochs": df["epochs"],
         "seeds": df["n_seeds"].astype(int),
         "top-1 (%)": [pm(m, s) for m, s in zip(df["top1_mean"], df["top1_std"])],
+        "Δ vs CutMix (pp) [95 % CI]": diff, "p (Holm)": pv,
         "best top-1 (%)": [f"{v:.2f}" for v in df["best_top1"]],
+        "train top-1 (%)": ["—" if math.isnan(v) else f"{v:.2f}" for v in df["train_top1"]],
         "s / epoch": [f"{v:.1f}" for v in df["time_per_epoch_s"]],
-        "images / s": [f"{v:.0f}" for v in df["images_per_s"]],
         "time vs CutMix": ["—" if math.isnan(v) else f"{v:.2f}×" for v in df["rel_time_vs_cutmix"]],
-    }, columns=["method", "model", "dataset", "epochs", "seeds", "top-1 (%)", "best top-1 (%)",
-                "s / epoch", "images / s", "time vs CutMix"])
+    })
+    drop = [c for c, cond in (("Δ vs CutMix (pp) [95 % CI]", paired is None), ("p (Holm)", paired is None),
+                              ("train top-1 (%)", bool(df["train_top1"].isna().all()) if len(df) else True))
+            if cond]
+    return out.drop(columns=drop)
 
 
-def results_markdown(df: pd.DataFrame) -> str:
+def results_markdown(df: pd.DataFrame, paired: pd.DataFrame | None = None) -> str:
     """The markdown written to ``figures/results.md``: the formatted table and a legend."""
+    legend = ("\nTop-1: final test top-1 accuracy, mean ± sample std over seeds. ")
+    if paired is not None:
+        legend += ("Δ vs CutMix: mean over seeds of the **paired** difference (same seed = same initial weights "
+                   "and data order) to CutMix in percentage points, with its 95 % t-interval; `*` marks a "
+                   "difference whose paired t-test stays below p = 0.05 after Holm's adjustment over the "
+                   "methods of the table (p (Holm)). ")
+    legend += ("Best: mean over seeds of each run's best evaluated epoch. Train top-1: clean accuracy on up to "
+               "`eval_train` training images (the train/test gap), when logged. Time per epoch includes "
+               "evaluation. Time vs CutMix: time per epoch relative to CutMix under the same protocol "
+               "(only comparable when the runs share a machine).\n")
     return ("# Results\n\n"
             "Generated by `python -m tokenmix report` from the complete run records; do not edit.\n\n"
-            + markdown_table(results_display(df), right=DISPLAY_NUMERIC) +
-            "\nTop-1: final test top-1 accuracy, mean ± sample std over seeds. Best: mean over seeds of each "
-            "run's best epoch. Time per epoch includes evaluation; images/s is training throughput. "
-            "Time vs CutMix: time per epoch relative to CutMix on the same model and dataset "
-            "(only comparable when the runs share a machine).\n")
+            + markdown_table(results_display(df, paired), right=DISPLAY_NUMERIC) + legend)
 
 
 # ---------------------------------------------------------------------------------------------

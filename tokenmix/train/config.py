@@ -70,6 +70,8 @@ class RunConfig:
     amp: bool = True  # autocast + grad scaling, only on CUDA
     threads: int = 0  # torch CPU threads; 0 = torch's default
     eval_every: int = 1
+    checkpoint_every: int = 0  # also keep the weights of every N-th epoch (checkpoint-e<epoch>.pt); 0 = off
+    eval_train: int = 0  # also evaluate the first N training images un-augmented (train/test gap); 0 = off
     out_dir: str = "runs"
     run_id: str = ""  # "" = <dataset>-<model>-<method>-s<seed>-<timestamp>
     resume: bool = False  # continue an interrupted run (or return a finished one) with this run_id
@@ -159,12 +161,16 @@ class RunConfig:
             ("mixup_alpha", self.mixup_alpha > 0, "> 0"), ("cutmix_alpha", self.cutmix_alpha > 0, "> 0"),
             ("train_subset", self.train_subset >= 0, ">= 0 (0 = all)"), ("test_subset", self.test_subset >= 0, ">= 0"),
             ("num_workers", self.num_workers >= 0, ">= 0"), ("threads", self.threads >= 0, ">= 0"),
-            ("eval_every", self.eval_every >= 1, ">= 1"), ("clip_grad", self.clip_grad >= 0, ">= 0 (0 = off)"),
+            ("eval_every", self.eval_every >= 1, ">= 1"), ("eval_train", self.eval_train >= 0, ">= 0 (0 = off)"),
+            ("checkpoint_every", self.checkpoint_every >= 0, ">= 0 (0 = off)"), ("clip_grad", self.clip_grad >= 0, ">= 0 (0 = off)"),
             ("crop_padding", self.crop_padding >= -1, ">= 0, or -1 for img_size // 8"),
         ]
         for name, ok, rule in checks:
             if not ok:
                 raise ConfigError(f"RunConfig.{name} = {getattr(self, name)!r} is invalid: must be {rule}")
+        if self.eval_train and self.dataset == "imagenet":
+            raise ConfigError("RunConfig.eval_train needs an in-memory dataset; valid datasets: "
+                              + ", ".join(d for d in DATASETS if d != "imagenet"))
         if self.run_id and any(c in self.run_id for c in "/\\") or self.run_id in (".", ".."):
             raise ConfigError(f"run_id {self.run_id!r} must be a plain folder name (no '/')")
 

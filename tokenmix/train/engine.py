@@ -34,12 +34,13 @@ from torch.utils.data import DataLoader, RandomSampler, Sampler
 from tqdm import tqdm
 
 from tokenmix import methods
-from tokenmix.data import build_datasets, dataset_info, num_classes_of, random_meta, with_sample_meta
+from tokenmix.data import (build_datasets, clean_train_view, dataset_info, num_classes_of, random_meta,
+                           with_sample_meta)
 from tokenmix.methods import MixMethod, MixStep, StepOutput
 from tokenmix.models import count_parameters, create_model
 from tokenmix.train.config import ConfigError, RunConfig
 from tokenmix.train.runs import (CHECKPOINT, CONFIG, METRICS, SUMMARY, RunExistsError, atomic_torch_save,
-                                 atomic_write_json, git_commit, load_run, write_metrics)
+                                 atomic_write_json, epoch_checkpoint_name, git_commit, load_run, write_metrics)
 
 EpochCallback = Callable[[int, dict[str, Any]], None]
 #: config fields that may differ when resuming (they do not change the result)
@@ -340,6 +341,12 @@ def train(cfg: RunConfig, callbacks: Sequence[EpochCallback] = ()) -> dict[str, 
     scaler = torch.amp.GradScaler(device.type, enabled=use_amp)
     test_loader = DataLoader(test_ds, batch_size=max(per_rank, 256), sampler=ShardSampler(len(test_ds), dinfo.rank, dinfo.world_size),
                              num_workers=cfg.num_workers, pin_memory=device.type == "cuda")
+    train_eval_loader = None
+    if cfg.eval_train:
+        clean = clean_train_view(train_ds, test_ds, cfg.eval_train)
+        train_eval_loader = DataLoader(clean, batch_size=max(per_rank, 256),
+                                       sampler=ShardSampler(len(clean), dinfo.rank, dinfo.world_size),
+                                       num_workers=cfg.num_workers, pin_memory=device.type == "cuda")
 
     start_epoch, history = 0, []
     if state == "resume" and (run_dir / CHECKPOINT).is_file():
@@ -407,6 +414,9 @@ def train(cfg: RunConfig, callbacks: Sequence[EpochCallback] = ()) -> dict[str, 
         if (epoch + 1) % cfg.eval_every == 0 or epoch + 1 == cfg.epochs:
             t1 = time.perf_counter()
             record.update(evaluate(model, test_loader, device, dinfo, use_amp))
+            if train_eval_loader is not None:
+                clean = evaluate(model, train_eval_loader, device, dinfo, use_amp)
+                record.update(train_top1=clean["top1"], train_eval_loss=clean["test_loss"])
             record["eval_time"] = time.perf_counter() - t1
         record["epoch_time"] = time.perf_counter() - t0
         history.append(record)
@@ -414,6 +424,9 @@ def train(cfg: RunConfig, callbacks: Sequence[EpochCallback] = ()) -> dict[str, 
             atomic_torch_save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
                                "scaler": scaler.state_dict(), "epoch": epoch + 1, "history": history, "num_classes": num_classes,
                                "config": cfg.to_dict()}, run_dir / CHECKPOINT)
+            if cfg.checkpoint_every and (epoch + 1) % cfg.checkpoint_every == 0:  # kept: analysis over training
+                atomic_torch_save({"model": model.state_dict(), "epoch": epoch + 1, "num_classes": num_classes},
+                                  run_dir / epoch_checkpoint_name(epoch + 1))
             write_metrics(run_dir / METRICS, history)
             acc = f"top1 {record['top1']:.2f}  top5 {record['top5']:.2f}  " if "top1" in record else ""
             print(f"[tokenmix] epoch {epoch + 1}/{cfg.epochs}  loss {record['train_loss']:.4f}  {acc}"
@@ -464,6 +477,7 @@ def _summary(cfg: RunConfig, history: list[dict[str, Any]], model: nn.Module, de
         "status": "complete", "run_id": cfg.run_id, "method": cfg.method, "variant": cfg.variant,
         "model": cfg.model, "dataset": cfg.dataset, "seed": cfg.seed, "epochs": cfg.epochs,
         "final_top1": last.get("top1", float("nan")), "final_top5": last.get("top5", float("nan")),
+        **({"final_train_top1": last["train_top1"]} if "train_top1" in last else {}),  # with eval_train
         "best_top1": max((r["top1"] for r in evals), default=float("nan")),
         "train_time_s": sum(r["train_time"] for r in history),
         "total_time_s": sum(r["epoch_time"] for r in history),

@@ -20,6 +20,11 @@ import torch
 CONFIG, METRICS, SUMMARY, CHECKPOINT = "config.json", "metrics.jsonl", "summary.json", "checkpoint.pt"
 
 
+def epoch_checkpoint_name(epoch: int) -> str:
+    """The file of the weights kept after ``epoch`` (``RunConfig.checkpoint_every``)."""
+    return f"checkpoint-e{epoch:04d}.pt"
+
+
 class RunExistsError(FileExistsError):
     """The output folder already holds a run that this call must not overwrite."""
 
@@ -85,6 +90,16 @@ class Run:
     @property
     def complete(self) -> bool:
         return bool(self.summary) and self.summary.get("status") == "complete"
+
+    def epoch_checkpoints(self) -> dict[int, Path]:
+        """{epoch: file} of the weights kept during training (``RunConfig.checkpoint_every``)."""
+        out = {}
+        for f in sorted(self.path.glob("checkpoint-e*.pt")):
+            try:
+                out[int(f.stem.split("-e")[1])] = f
+            except ValueError:
+                continue
+        return out
 
     @property
     def has_checkpoint(self) -> bool:

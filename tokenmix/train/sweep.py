@@ -19,12 +19,16 @@ Grid file::
     name: fmnist_cpu                 # the sweep's name; runs go to <out_dir> (default runs/<name>)
     description: ...
     base: {dataset: fashion_mnist, model: vit_cpu, epochs: 3, ...}   # RunConfig fields of every cell
+    regimes:                         # optional: named sets of RunConfig overrides (crossed with the rest)
+      - {name: n1k_e60, train_subset: 1000, epochs: 60}
     axes: {seed: [0, 1]}             # cartesian product over these RunConfig fields
     methods:                         # one entry per method configuration
       - {method: cutmix}
       - {method: tokenmixup, method_kwargs: {tokenmixup_mode: vtm}, label: tokenmixup_vtm}
 
-The run id of a cell is ``<dataset>-<model>-<label>-s<seed>`` (``label`` defaults to the method).
+The run id of a cell is ``<dataset>-<model>-<label>-s<seed>`` (``label`` defaults to the method),
+``<dataset>-<model>-<regime>-<label>-s<seed>`` when the grid has ``regimes``. ``--jobs N`` runs N
+cells at a time, each in its own process.
 
 ``--smoke`` runs one step of each cell at tiny scale in a temporary folder: generated data
 (``dataset="synthetic"``, 32 px), the family's tiny model (``tiny_deit``, ``tiny_cait``,
@@ -43,6 +47,7 @@ import sys
 import tempfile
 import time
 import traceback
+from concurrent.futures import ThreadPoolExecutor
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -58,7 +63,7 @@ from tokenmix.train.teacher import build_teacher_maps
 
 NOTEBOOK = "notebooks/10_train.ipynb"
 LAUNCHERS: tuple[str, ...] = ("papermill", "torchrun", "inprocess")
-GRID_KEYS: tuple[str, ...] = ("name", "description", "out_dir", "notebook", "base", "axes", "methods")
+GRID_KEYS: tuple[str, ...] = ("name", "description", "out_dir", "notebook", "base", "regimes", "axes", "methods")
 _ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
 
 
@@ -111,25 +116,37 @@ def load_grid(path: str | Path, out_dir: str | None = None) -> Grid:
     grid = Grid(name, str(spec.get("description", "")).strip(), out_dir or spec.get("out_dir") or f"runs/{name}",
                 spec.get("notebook", NOTEBOOK))
     base, axes = dict(spec.get("base") or {}), dict(spec.get("axes") or {})
+    regimes = [dict(r) for r in spec.get("regimes") or [{}]]
+    for r in regimes:
+        if len(regimes) > 1 or r:
+            name_ = r.pop("name", None)
+            if not name_ or not re.fullmatch(r"[A-Za-z0-9_.]+", str(name_)):
+                raise ConfigError(f"{path}: every regime needs a `name` of letters, digits, '_' or '.', got {name_!r}")
+            r["name"] = str(name_)
+    if len({r.get("name") for r in regimes}) < len(regimes):
+        raise ConfigError(f"{path}: regime names must differ: {[r.get('name') for r in regimes]}")
     for key, values in axes.items():
         if not isinstance(values, list) or not values:
             raise ConfigError(f"{path}: axis {key!r} must be a non-empty list, got {values!r}")
-    seen: dict[str, int] = {}
-    for i, entry in enumerate(spec["methods"]):
-        entry = dict(entry)
+    seen: dict[str, str] = {}
+    for regime, (i, entry) in itertools.product(regimes, enumerate(spec["methods"])):
+        entry, regime = dict(entry), dict(regime)
         label = str(entry.pop("label", entry.get("method", base.get("method", "cutmix"))))
+        regime_name = regime.pop("name", "")
         for combo in itertools.product(*axes.values()):
-            fields = {**base, **dict(zip(axes, combo)), **entry}
+            fields = {**base, **regime, **dict(zip(axes, combo)), **entry}
+            where = f"cell {i} ({label}{', ' + regime_name if regime_name else ''}, {dict(zip(axes, combo))})"
             try:
                 cfg = RunConfig(**{**fields, "out_dir": grid.out_dir, "run_id": "", "resume": True})
-                run_id = f"{cfg.dataset}-{cfg.model}-{label}-s{cfg.seed}"
+                middle = f"{regime_name}-{label}" if regime_name else label
+                run_id = f"{cfg.dataset}-{cfg.model}-{middle}-s{cfg.seed}"
                 cfg = cfg.replace(run_id=run_id)  # RunConfig validates the method's parameters too
             except (ConfigError, ValueError, TypeError) as e:
-                raise ConfigError(f"{path}: cell {i} ({label}, {dict(zip(axes, combo))}): {e}") from e
+                raise ConfigError(f"{path}: {where}: {e}") from e
             if run_id in seen:
-                raise ConfigError(f"{path}: cells {seen[run_id]} and {i} both make run id {run_id!r}; "
+                raise ConfigError(f"{path}: {where} and {seen[run_id]} both make run id {run_id!r}; "
                                   "give them different `label`s")
-            seen[run_id] = i
+            seen[run_id] = where
             grid.cells.append(Cell(run_id, label, cfg))
     return grid
 
@@ -193,27 +210,32 @@ def _duration(s: float) -> str:
 
 
 def run_sweep(grid: Grid, launcher: str = "papermill", nproc: int = 1, cwd: str | Path = ".",
-              log: Callable[[str], None] = print, only: str = "") -> list[CellResult]:
+              log: Callable[[str], None] = print, only: str = "", jobs: int = 1) -> list[CellResult]:
     """Execute every cell of ``grid`` (see the module docstring); returns one result per cell.
 
     Args:
         launcher: ``"papermill"`` (default), ``"torchrun"`` (``nproc`` processes) or ``"inprocess"``.
         cwd: the working directory of the papermill kernel (the repository root).
         only: run only the cells whose run id contains this substring.
+        jobs: cells run at the same time (each in its own process; set ``threads`` in the grid's
+            ``base`` so that ``jobs * threads`` does not exceed the cores).
     """
     if launcher not in LAUNCHERS:
         raise ValueError(f"unknown launcher {launcher!r}; valid: {', '.join(LAUNCHERS)}")
+    if jobs < 1:
+        raise ValueError(f"jobs must be >= 1, got {jobs}")
+    if jobs > 1 and launcher == "inprocess":
+        raise ValueError("jobs > 1 needs a launcher that starts processes (papermill or torchrun), not inprocess")
     cells = [c for c in grid.cells if only in c.run_id]
     notebook = Path(cwd) / grid.notebook
-    results: list[CellResult] = []
-    for i, cell in enumerate(cells, 1):
+
+    def run_cell(i: int, cell: Cell) -> CellResult:
         head = f"[sweep {grid.name} {i}/{len(cells)}] {cell.run_id}"
         state = cell_status(cell)
         if state == "complete":
             top1 = load_run(Path(cell.config.out_dir) / cell.run_id).summary.get("final_top1")
-            results.append(CellResult(cell.run_id, "skipped", top1=top1))
             log(f"{head}: complete (top-1 {top1:.2f} %), skipped")
-            continue
+            return CellResult(cell.run_id, "skipped", top1=top1)
         log(f"{head}: {'resuming' if state in ('partial', 'failed') else 'starting'} "
             f"({cell.config.method}, {cell.config.epochs} epochs)")
         t0 = time.perf_counter()
@@ -231,12 +253,14 @@ def run_sweep(grid: Grid, launcher: str = "papermill", nproc: int = 1, cwd: str 
             message, tb = _error_text(e)
             _record_failure(cell, message, tb)
             dt = time.perf_counter() - t0
-            results.append(CellResult(cell.run_id, "failed", dt, error=message))
             log(f"{head}: FAILED after {_duration(dt)}: {message.splitlines()[0][:300]}")
-            continue
+            return CellResult(cell.run_id, "failed", dt, error=message)
         dt = time.perf_counter() - t0
-        results.append(CellResult(cell.run_id, "done", dt, top1=summary.get("final_top1")))
         log(f"{head}: done, top-1 {summary.get('final_top1', float('nan')):.2f} % in {_duration(dt)}")
+        return CellResult(cell.run_id, "done", dt, top1=summary.get("final_top1"))
+
+    with ThreadPoolExecutor(max_workers=jobs) as pool:  # threads only wait on the runs' processes
+        results = list(pool.map(run_cell, range(1, len(cells) + 1), cells))
     n = {s: sum(r.status == s for r in results) for s in ("done", "skipped", "failed")}
     log(f"[sweep {grid.name}] {n['done']} run, {n['skipped']} skipped (complete), {n['failed']} failed; "
         f"records in {grid.out_dir}/")
@@ -291,6 +315,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--nproc", type=int, default=1, help="processes per run for --launcher torchrun")
     p.add_argument("--out_dir", default=None, help="override the grid's output folder")
     p.add_argument("--only", default="", help="run only cells whose run id contains this text")
+    p.add_argument("--jobs", type=int, default=1, help="cells run at the same time (papermill/torchrun)")
     p.add_argument("--dry-run", action="store_true", help="validate and list the cells, run nothing")
     p.add_argument("--smoke", action="store_true", help="one tiny step of each cell on generated data")
     args = p.parse_args(None if argv is None else list(argv))
@@ -304,7 +329,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         for c in grid.cells:
             print(f"  {c.run_id}  [{cell_status(c)}]")
         return 0
-    results = smoke_test(grid) if args.smoke else run_sweep(grid, args.launcher, args.nproc, only=args.only)
+    results = smoke_test(grid) if args.smoke else run_sweep(grid, args.launcher, args.nproc, only=args.only, jobs=args.jobs)
     return 1 if any(r.status == "failed" for r in results) else 0
 
 

@@ -12,8 +12,8 @@ import torch
 matplotlib.use("Agg")
 
 from tokenmix.analysis import fidelity  # noqa: E402
-from tokenmix.analysis.fidelity import (RULES, TABLE_COLUMNS, fidelity_table, htm_input_mix, oracle_partner_share,
-                                        pixel_mask, rule_shares, rule_triples, summarize)
+from tokenmix.analysis.fidelity import (MASKS, RULES, SAME_POSITION_RULES, TABLE_COLUMNS, fidelity_table,
+                                        oracle_partner_share, pixel_mask, score_batch, summarize)
 from tokenmix.methods import TokenGrid, get  # noqa: E402
 from tokenmix.methods.masks import paste_box, paste_token_mask  # noqa: E402
 
@@ -113,12 +113,25 @@ def test_pixel_mask_of_token_mix_matches_brute_force():
     torch.testing.assert_close(x * (1 - m) + x.flip(0) * m, mixed.x)
 
 
-def test_htm_input_mix_label_is_saliency_share():
-    sal = torch.tensor([[0.5, 0.3, 0.1, 0.1], [0.1, 0.1, 0.3, 0.5]])
-    partners, mask, share = htm_input_mix(sal, rho=0.0)
-    assert partners.tolist() == [1, 0]
-    assert mask.tolist() == [[False, False, True, True], [True, True, False, False]]
-    torch.testing.assert_close(share, torch.tensor([0.8 / 1.6, 0.8 / 1.6]))
+def test_own_share_oracle_hand_made():
+    """Own image: mass 4 in the left column, 0 right; partner: mass 2 left, 6 right; the partner
+    is pasted on the right column: v_a = 4/4 = 1, v_b = 6/8 = 0.75 -> 0.75 / 1.75 (the mass
+    oracle says 6 / 10)."""
+    own = torch.tensor([[[[2.0, 0.0], [2.0, 0.0]]]])
+    par = torch.tensor([[[[1.0, 3.0], [1.0, 3.0]]]])
+    m = torch.tensor([[[[0.0, 1.0], [0.0, 1.0]]]])
+    assert fidelity.own_share_oracle(own, par, par, m).item() == pytest.approx(0.75 / 1.75)
+    assert oracle_partner_share(own, par, m).item() == pytest.approx(0.6)
+    # a moved window: the placed pixels differ from the partner's whole image
+    placed = torch.tensor([[[[0.0, 1.0], [0.0, 1.0]]]])
+    assert fidelity.own_share_oracle(own, placed, par, m).item() == pytest.approx((2 / 8) / (1 + 2 / 8))
+    # nothing of either visible -> the area share; an empty partner counts as 0 surviving
+    zero = torch.zeros_like(own)
+    assert fidelity.own_share_oracle(zero, zero, zero, m).item() == pytest.approx(0.5)
+    assert fidelity.own_share_oracle(own, zero, zero, m).item() == pytest.approx(0.0)
+    # the scale of either image does not matter (normalised per image), unlike the mass oracle
+    assert fidelity.own_share_oracle(own, 10 * par, 10 * par, m).item() == pytest.approx(0.75 / 1.75)
+    assert oracle_partner_share(own, 10 * par, m).item() != pytest.approx(0.6)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -134,64 +147,57 @@ def tiny():
     return model, x, y, idx
 
 
-def test_rule_shares_every_rule(tiny):
+def test_every_rule_on_every_mask_it_applies_to(tiny):
     model, x, y, idx = tiny
-    maps = FakeMaps(len(x), 64)
-    # an untrained model's saliency is nearly flat: rho = 0 so that HTM mixes something
-    shares = rule_shares(model, x[:16], y[:16], MEAN, STD, idx[:16], maps, seed=0, htm_rho=0.0)
-    assert list(shares) == list(RULES)
-    for rule, (p, o) in shares.items():
-        n = 16 if rule != "TokenMixup (HTM saliency)" else p.shape[0]
-        assert 0 < n <= 16
-        assert p.shape == o.shape == (n,), rule
-        assert torch.isfinite(p).all() and torch.isfinite(o).all(), rule
-        assert (p >= -1e-6).all() and (p <= 1 + 1e-6).all(), rule
-        assert (o >= 0).all() and (o <= 1).all(), rule
+    scored = score_batch(model, x[:16], y[:16], MEAN, STD, idx[:16], FakeMaps(len(x), 64), seed=0)
+    expected = [(m, r) for m in MASKS for r in RULES if not (m == "SMMix windows" and r in SAME_POSITION_RULES)]
+    assert list(scored) == expected
+    for key, d in scored.items():
+        for name in ("predicted", "oracle_mass", "oracle_own", "area"):
+            assert d[name].shape == (16,) and torch.isfinite(d[name]).all(), (key, name)
+            assert (d[name] >= -1e-6).all() and (d[name] <= 1 + 1e-6).all(), (key, name)
+    # the rules of one mask see the same mixes: same oracles and area
+    for mask in MASKS:
+        rows = [d for (m, _), d in scored.items() if m == mask]
+        assert all(torch.equal(r["oracle_mass"], rows[0]["oracle_mass"]) for r in rows)
+        assert all(torch.equal(r["area"], rows[0]["area"]) for r in rows)
+        torch.testing.assert_close(scored[(mask, "area")]["predicted"], scored[(mask, "area")]["area"])
+    # TokenMix's blocks have a constant area share (28 of 49 tokens on 7x7; here the 8x8 grid's count)
+    assert scored[("TokenMix blocks", "area")]["area"].unique().numel() == 1
     assert not model.training
+    # deterministic given the seed; no teacher maps -> no teacher rule; unknown names rejected
+    again = score_batch(model, x[:16], y[:16], MEAN, STD, idx[:16], FakeMaps(len(x), 64), seed=0)
+    assert all(torch.equal(scored[k]["predicted"], again[k]["predicted"]) for k in scored)
+    assert ("CutMix box", "TokenMix (teacher)") not in score_batch(model, x[:4], y[:4], MEAN, STD, masks=("CutMix box",))
+    with pytest.raises(ValueError, match="unknown rule"):
+        score_batch(model, x[:4], y[:4], MEAN, STD, rules=("nope",))
+    with pytest.raises(ValueError, match="unknown mask"):
+        score_batch(model, x[:4], y[:4], MEAN, STD, masks=("nope",))
 
 
-def test_tokenmix_rule_is_normalised_teacher_partner_mass(tiny):
+def test_teacher_and_saliency_rules_by_hand_on_a_cutmix_box(tiny):
+    """TokenMix's rule: normalised Eq. 2 masses of the teacher maps under the mask; TokenMixup's:
+    Eq. 11's saliency share with the clean CLS attention; both on the same CutMix box."""
+    from tokenmix.analysis.probes import attention_saliency
     model, x, y, idx = tiny
     maps = FakeMaps(len(x), 64, seed=1)
-    pred, oracle, area = rule_triples(model, x[:8], y[:8], MEAN, STD, idx[:8], maps, seed=2,
-                                      rules=("TokenMix (teacher)",))["TokenMix (teacher)"]
-    tmx = get("tokenmix", num_classes=10, labels="area", switch_prob=1.0)
-    tmx.grid = TokenGrid(8, 8, 4, 4)
-    torch.manual_seed(2)
-    m = tmx.mix(fidelity.normalise(x[:8].float(), MEAN, STD), y[:8]).partner_mask  # the same block mask
-    own = maps.maps[idx[:8]]
-    y_own = (own * (1 - m)).sum(1)
-    y_par = (own.flip(0) * m).sum(1)
-    torch.testing.assert_close(pred, y_par / (y_own + y_par))
-    torch.testing.assert_close(area, m.mean(1))
-    xr = x[:8].float()
-    torch.testing.assert_close(oracle, oracle_partner_share(xr, xr.flip(0), fidelity.token_mask_to_pixels(m, tmx.grid)))
-
-
-def test_cutmix_area_rule_and_determinism(tiny):
-    model, x, y, idx = tiny
-    rules = ("CutMix (area)", "TransMix (official)", "SMMix (area)")
-    t1 = rule_triples(model, x[:8], y[:8], MEAN, STD, seed=5, rules=rules)
+    scored = score_batch(model, x[:8], y[:8], MEAN, STD, idx[:8], maps, seed=2, masks=("CutMix box",),
+                         rules=("TokenMix (teacher)", "TokenMixup (saliency)"), htm_layer=1)
     cm = get("cutmix", num_classes=10)
     cm.prepare_model(model)
-    torch.manual_seed(5)
-    mixed = cm.mix(fidelity.normalise(x[:8].float(), MEAN, STD), y[:8])
-    pred, oracle, area = t1["CutMix (area)"]
-    torch.testing.assert_close(pred, 1 - mixed.lam_area)
-    torch.testing.assert_close(area, pred)
-    # the oracle of the box on the raw images
-    expected = oracle_partner_share(x[:8].float(), x[:8].float()[mixed.partner_index], pixel_mask(mixed, cm.grid))
-    torch.testing.assert_close(oracle, expected)
-    # SMMix's label is its area share
-    torch.testing.assert_close(t1["SMMix (area)"][0], t1["SMMix (area)"][2])
-    t2 = rule_triples(model, x[:8], y[:8], MEAN, STD, seed=5, rules=rules)
-    for r in rules:
-        for a, b in zip(t1[r], t2[r]):
-            assert torch.equal(a, b)
-    # TokenMix without maps is absent, unknown rules are rejected
-    assert "TokenMix (teacher)" not in rule_shares(model, x[:4], y[:4], MEAN, STD, rules=("TokenMix (teacher)",))
-    with pytest.raises(ValueError, match="unknown rule"):
-        rule_shares(model, x[:4], y[:4], MEAN, STD, rules=("nope",))
+    torch.manual_seed(2)
+    xn = fidelity.normalise(x[:8].float(), MEAN, STD)
+    mixed = cm.mix(xn, y[:8])
+    m, j = mixed.partner_mask.float(), mixed.partner_index
+    own = maps.maps[idx[:8]]
+    y_own, y_par = (own * (1 - m)).sum(1), (own[j] * m).sum(1)
+    torch.testing.assert_close(scored[("CutMix box", "TokenMix (teacher)")]["predicted"], y_par / (y_own + y_par))
+    sal = attention_saliency(model, xn, 1).float()
+    s_own, s_par = (sal * (1 - m)).sum(1), (sal[j] * m).sum(1)
+    torch.testing.assert_close(scored[("CutMix box", "TokenMixup (saliency)")]["predicted"], s_par / (s_own + s_par))
+    xr = x[:8].float()
+    expected = oracle_partner_share(xr, xr[j], pixel_mask(mixed, cm.grid))
+    torch.testing.assert_close(scored[("CutMix box", "TokenMix (teacher)")]["oracle_mass"], expected)
 
 
 def test_fidelity_table_marks_tokenmix_skipped(tiny):
@@ -199,77 +205,105 @@ def test_fidelity_table_marks_tokenmix_skipped(tiny):
     table, samples = fidelity_table(model, x, y, MEAN, STD, idx, None, n_batches=2, batch_size=8,
                                     return_samples=True)
     assert list(table.columns) == list(TABLE_COLUMNS)
-    assert list(table["rule"]) == list(RULES)
-    row = table.set_index("rule").loc["TokenMix (teacher)"]
-    assert row["n"] == 0 and math.isnan(row["MAE"]) and "skipped" in row["note"]
-    cut = table.set_index("rule").loc["CutMix (area)"]
-    assert cut["n"] == 16 and cut["MAE"] == pytest.approx(cut["area MAE"])
+    assert len(table) == len(MASKS) * len(RULES) - len(SAME_POSITION_RULES)
+    row = table.set_index(["mask", "rule"]).loc[("CutMix box", "TokenMix (teacher)")]
+    assert row["n"] == 0 and math.isnan(row["MAE (mass)"]) and "skipped" in row["note"]
+    area = table.set_index(["mask", "rule"]).loc[("CutMix box", "area")]
+    assert area["n"] == 16
     assert set(samples["batch"]) == {0, 1}
     with pytest.raises(ValueError):
         fidelity_table(model, x, y, MEAN, STD, n_batches=5, batch_size=8)
 
 
 def test_summarize_hand_made():
-    s = pd.DataFrame({"rule": ["A"] * 3, "batch": 0, "sample": [0, 1, 2], "predicted": [0.1, 0.5, 0.9],
-                      "oracle": [0.2, 0.5, 0.7], "area": [0.0, 0.5, 1.0]})
-    t = summarize(s, rules=("A", "B"), skipped={"B": "skipped: test"})
+    s = pd.DataFrame({"mask": "CutMix box", "rule": ["area"] * 3, "batch": 0, "sample": [0, 1, 2],
+                      "predicted": [0.1, 0.5, 0.9], "oracle_mass": [0.2, 0.5, 0.7], "oracle_own": [0.1, 0.5, 0.9],
+                      "area": [0.1, 0.5, 0.9]})
+    t = summarize(s, masks=("CutMix box",), rules=("area", "TL-Align"), skipped={"TL-Align": "skipped: test"})
     a = t.iloc[0]
-    assert a["n"] == 3 and a["MAE"] == pytest.approx(0.1) and a["RMSE"] == pytest.approx(math.sqrt(0.05 / 3))
-    assert a["mean predicted"] == pytest.approx(0.5) and a["mean oracle"] == pytest.approx(1.4 / 3)
-    assert a["area MAE"] == pytest.approx(0.5 / 3) and a["pearson"] > 0.9
+    assert a["n"] == 3 and a["MAE (mass)"] == pytest.approx(0.1) and a["MAE (own share)"] == pytest.approx(0.0)
+    assert a["mean predicted"] == pytest.approx(0.5) and a["pearson (own share)"] == pytest.approx(1.0)
+    assert a["pearson (mass)"] > 0.9
     assert t.iloc[1]["n"] == 0 and t.iloc[1]["note"] == "skipped: test"
 
 
 # ---------------------------------------------------------------------------------------------
 # report
 
-def test_plot_fidelity_from_table_and_samples(tmp_path):
+def test_plot_fidelity_and_its_training_curves(tmp_path):
     import matplotlib.pyplot as plt
 
-    from tokenmix.report.fidelity import plot_fidelity
-    s = pd.DataFrame({"rule": ["CutMix (area)"] * 4 + ["TL-Align"] * 4, "batch": 0, "sample": [0, 1, 2, 3] * 2,
-                      "predicted": [0.1, 0.4, 0.6, 0.9, 0.2, 0.3, 0.5, 0.8], "oracle": [0.2, 0.3, 0.7, 0.8] * 2,
-                      "area": [0.1, 0.4, 0.6, 0.9] * 2})
-    table = summarize(s, rules=("CutMix (area)", "TL-Align", "TokenMix (teacher)"))
-    fig = plot_fidelity(s, table, save=tmp_path / "f")
-    assert len(fig.axes) == 4
+    from tokenmix.report.fidelity import plot_fidelity, plot_fidelity_training
+    rows = []
+    for epoch in (1, 2):
+        for mask in ("CutMix box", "TokenMix blocks"):
+            for rule in ("area", "TL-Align"):
+                rows.append({"epoch": epoch, "top1": 50.0 + epoch, "mask": mask, "rule": rule, "n": 4,
+                             "MAE (mass)": 0.1 * epoch, "pearson (mass)": 0.5, "MAE (own share)": 0.05,
+                             "pearson (own share)": 0.9, "mean predicted": 0.4, "note": ""})
+    df = pd.DataFrame(rows)
+    fig = plot_fidelity(df, save=tmp_path / "f")
+    assert len(fig.axes) == 4  # 2 masks x (MAE, r)
     plt.close(fig)
-    fig = plot_fidelity(table)
-    assert len(fig.axes) == 1
+    fig = plot_fidelity_training(df, save=tmp_path / "t")
+    assert len(fig.axes) == 5  # 2 x 2 panels + the top-1 axis
+    line = next(ln for ln in fig.axes[0].get_lines() if ln.get_label() == "area")
+    assert list(line.get_xdata()) == [1, 2] and list(line.get_ydata()) == [0.05, 0.05]
     plt.close(fig)
-    assert (tmp_path / "f.png").is_file() and (tmp_path / "f.svg").is_file()
+    assert (tmp_path / "f.png").is_file() and (tmp_path / "t.svg").is_file()
+    with pytest.raises(ValueError, match="no rows of mask"):
+        plot_fidelity_training(df, mask="SMMix windows")
 
 
-def _fake_run(root, method="cutmix"):
+def _fake_run(root, method="cutmix", every=0):
+    """A complete 2-epoch run record with an untrained model's checkpoints (epoch ones with ``every``)."""
     from tokenmix.models import create_model
     from tokenmix.train.config import RunConfig
     from tokenmix.train.engine import build_method
-    cfg = RunConfig(method=method, dataset="synthetic", img_size=32, model="vit_cpu", run_id=f"syn-{method}")
+    from tokenmix.train.runs import epoch_checkpoint_name
+    cfg = RunConfig(method=method, dataset="synthetic", img_size=32, model="vit_cpu", run_id=f"syn-{method}-{every}",
+                    epochs=2, checkpoint_every=every)
     run = root / cfg.run_id
     run.mkdir(parents=True)
     torch.manual_seed(0)
     model = build_method(cfg, 10).prepare_model(create_model("vit_cpu", 10, 32, 3))
     torch.save({"model": model.state_dict()}, run / "checkpoint.pt")
+    if every:
+        torch.save({"model": model.state_dict()}, run / epoch_checkpoint_name(1))
+        torch.save({"model": model.state_dict()}, run / epoch_checkpoint_name(2))
     (run / "config.json").write_text(json.dumps(cfg.to_dict()))
-    (run / "summary.json").write_text(json.dumps({"status": "complete"}))
+    (run / "summary.json").write_text(json.dumps({"status": "complete", "epochs": 2}))
+    (run / "metrics.jsonl").write_text('{"epoch": 1, "top1": 11.0}\n{"epoch": 2, "top1": 12.0}\n')
     return run
 
 
-def test_write_label_fidelity_fake_run_is_reproducible(tmp_path):
+def test_write_label_fidelity_measures_over_training_caches_and_redraws_without_checkpoints(tmp_path):
     from tokenmix.report.fidelity import FIDELITY_OUTPUTS, find_fidelity_run, write_label_fidelity
     runs, figs = tmp_path / "runs", tmp_path / "figures"
     assert write_label_fidelity(runs, figs, data_dir=tmp_path, dataset="synthetic") == []
     assert not figs.exists()
     _fake_run(runs, "transmix")
     _fake_run(runs, "cutmix")
-    assert find_fidelity_run(runs, "synthetic").config["method"] == "cutmix"
+    _fake_run(runs, "cutmix", every=1)
+    assert find_fidelity_run(runs, "synthetic").run_id == "syn-cutmix-1"  # CutMix, with kept checkpoints
     kw = dict(data_dir=tmp_path, dataset="synthetic", n_batches=2, batch_size=8)
     paths = write_label_fidelity(runs, figs, **kw)
     assert sorted(p.name for p in paths) == sorted(FIDELITY_OUTPUTS)
     first = {p.name: p.read_bytes() for p in paths}
+    record = pd.read_csv(runs / "analysis" / "label_fidelity.csv")
+    assert sorted(set(record["epoch"])) == [1, 2] and set(record["top1"]) == {11.0, 12.0}
     table = pd.read_csv(figs / "label_fidelity.csv")
-    assert list(table["rule"]) == list(RULES)
-    assert "skipped" in table.set_index("rule").loc["TokenMix (teacher)", "note"]  # no teacher cache in tmp_path
-    assert "syn-cutmix" in (figs / "label_fidelity.md").read_text()
+    assert list(table["mask"].unique()) == list(MASKS)
+    assert "skipped" in table.set_index(["mask", "rule"]).loc[("CutMix box", "TokenMix (teacher)"), "note"]
+    assert "syn-cutmix-1" in (figs / "label_fidelity.md").read_text()
+    # the same checkpoints: the record is reused (not recomputed), the files are the same bytes
+    stamp = (runs / "analysis" / "label_fidelity.csv").stat().st_mtime_ns
     write_label_fidelity(runs, figs, **kw)
+    assert (runs / "analysis" / "label_fidelity.csv").stat().st_mtime_ns == stamp
     assert {p.name: p.read_bytes() for p in paths} == first
+    # a clone without checkpoints redraws everything from the record
+    for f in runs.glob("*/*.pt"):
+        f.unlink()
+    figs2 = tmp_path / "figures2"
+    paths2 = write_label_fidelity(runs, figs2, **kw)
+    assert {p.name: p.read_bytes() for p in paths2} == first

@@ -2,6 +2,7 @@
 and the figure functions' structure."""
 from __future__ import annotations
 
+import json
 import math
 
 import matplotlib
@@ -365,3 +366,43 @@ def test_update_readme_replaces_only_the_marked_block(tmp_path):
     readme.write_text("no markers\n")
     with pytest.raises(ValueError, match="results:start"):
         update_readme(readme, "x")
+
+
+# ---------------------------------------------------------------------------------------------
+# the regime pilot
+
+def _regime_run(root, run_id, method, n, epochs, final, train_top1, hflip=False):
+    d = fake_run(root, run_id, method, 0, final=final, epochs=epochs)
+    cfg = json.loads((d / "config.json").read_text())
+    atomic_write_json(d / "config.json", {**cfg, "train_subset": n, "hflip": hflip, "crop_padding": 0 if not hflip else -1})
+    summ = json.loads((d / "summary.json").read_text())
+    atomic_write_json(d / "summary.json", {**summ, "final_train_top1": train_top1})
+    return d
+
+
+def test_regime_table_summary_and_report(tmp_path):
+    from tokenmix.report.regime import REGIME_OUTPUTS, regime_summary, regime_table, write_regime_report
+    root = tmp_path / "pilot"
+    _regime_run(root, "a-none", "none", 1000, 3, 70.0, 100.0)
+    _regime_run(root, "a-cutmix", "cutmix", 1000, 3, 76.0, 90.0)
+    _regime_run(root, "a-mixup", "mixup", 1000, 3, 73.0, 95.0)
+    _regime_run(root, "b-none", "none", 5000, 2, 82.0, 88.0, hflip=True)
+    _regime_run(root, "b-cutmix", "cutmix", 5000, 2, 80.0, 81.0, hflip=True)
+    t = regime_table(list_runs(root))
+    assert len(t) == 5 and set(t.regime) == {"1000 img x 3 ep, no aug, vit_cpu", "5000 img x 2 ep, crop+flip, vit_cpu"}
+    a = t[t.regime.str.startswith("1000")]
+    assert list(a.method) == ["none", "mixup", "cutmix"]  # baselines first
+    assert a.set_index("method").loc["cutmix", "gap"] == pytest.approx(14.0)
+    assert a.set_index("method").loc["cutmix", "vs_none"] == pytest.approx(6.0)
+    assert (t.images_seen == t.train_images * t.epochs).all()
+    s = regime_summary(t).set_index("regime")
+    assert s.loc["1000 img x 3 ep, no aug, vit_cpu", "cutmix - none"] == pytest.approx(6.0)
+    assert s.loc["1000 img x 3 ep, no aug, vit_cpu", "best mixing - none"] == pytest.approx(6.0)
+    assert s.loc["5000 img x 2 ep, crop+flip, vit_cpu", "cutmix - none"] == pytest.approx(-2.0)
+    assert s.loc["1000 img x 3 ep, no aug, vit_cpu", "gap of none"] == pytest.approx(30.0)
+    paths = write_regime_report(root, tmp_path / "figs")
+    assert sorted(p.name for p in paths) == sorted(REGIME_OUTPUTS)
+    first = {p.name: p.read_bytes() for p in paths}
+    write_regime_report(root, tmp_path / "figs2")
+    assert {p.name: (tmp_path / "figs2" / p.name).read_bytes() for p in paths} == first
+    assert write_regime_report(tmp_path / "nothing", tmp_path / "figs3") == [] and not (tmp_path / "figs3").exists()

@@ -336,6 +336,14 @@ def test_write_tokenmix_occlusion_from_runs(tmp_path, synthetic_runs):
     write_tokenmix_occlusion(synthetic_runs, figs, n_images=32, ratios=(0.0, 0.5, 1.0), dataset="synthetic")
     assert {p.name: p.read_bytes() for p in paths} == first
     assert b"<dc:date>" not in first["tokenmix_occlusion.svg"]
+    # a clone of the records without checkpoints redraws the same files from the stored measurement
+    import shutil
+    clone = tmp_path / "clone"
+    shutil.copytree(synthetic_runs, clone, ignore=shutil.ignore_patterns("*.pt"))
+    assert not list(clone.glob("*/*.pt")) and (clone / "analysis" / "tokenmix_occlusion.csv").is_file()
+    paths2 = write_tokenmix_occlusion(clone, tmp_path / "figs2", n_images=32, ratios=(0.0, 0.5, 1.0),
+                                      dataset="synthetic")
+    assert {p.name: p.read_bytes() for p in paths2} == first
 
 
 def test_occlusion_runs_uses_complete_runs_or_trains_tiny_ones(tmp_path, synthetic_runs):

@@ -72,7 +72,7 @@ def test_rollout_of_two_blocks_multiplies_later_on_the_left():
 
 def test_attention_rollout_of_a_model_matches_a_hand_rollout(vit):
     x, _ = batch()
-    feats, maps = {}, []
+    feats = {}
     hooks = [b.register_forward_pre_hook(lambda m, a, i=i: feats.__setitem__(i, a[0])) for i, b in enumerate(vit.blocks)]
     with torch.no_grad():
         vit(x)

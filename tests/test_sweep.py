@@ -107,13 +107,19 @@ def test_recipe_grids_validate_and_run_one_tiny_step_per_cell(grid_file, tmp_pat
     assert res and all(r.status == "done" for r in res), [(r.run_id, r.error) for r in res if r.status != "done"]
 
 
-def test_fmnist_study_grid_is_the_issue_protocol():
+def test_fmnist_study_grid_is_the_chosen_regime_with_three_seeds_and_a_core():
     grid = load_grid(REPO / "configs" / "fmnist_cpu.yaml")
     labels = sorted({c.label for c in grid.cells})
     assert labels == sorted(["none", "mixup", "cutmix", "mixup_cutmix", "transmix", "tokenmix", "tokenmixup_htm",
                              "tokenmixup_vtm", "smmix", "tl_align"])
-    assert sorted({c.config.seed for c in grid.cells}) == [0, 1]
-    assert {c.config.model for c in grid.cells} == {"vit_cpu"}
+    assert sorted({c.config.seed for c in grid.cells}) == [0, 1, 2]
+    assert {(c.config.model, c.config.train_subset, c.config.epochs, c.config.hflip, c.config.crop_padding)
+            for c in grid.cells} == {("vit_cpu", 1000, 60, False, 0)}
+    assert grid.out_dir == "results/fmnist_cpu"
+    assert all(c.config.checkpoint_every == 10 for c in grid.cells if c.label == "cutmix")  # label fidelity
+    core = load_grid(REPO / "configs" / "fmnist_cpu.yaml", extended=False)
+    assert len(core.cells) == 21
+    assert {c.label for c in core.cells} == set(labels) - {"mixup_cutmix", "tokenmixup_vtm", "smmix"}
 
 
 def test_regimes_cross_methods_and_name_the_runs(tmp_path):
@@ -142,6 +148,13 @@ def test_bad_regimes_are_refused(tmp_path, regimes, match):
     p.write_text(json.dumps({"name": "r", "base": TINY_BASE, "regimes": regimes, "methods": [{"method": "cutmix"}]}))
     with pytest.raises(ConfigError, match=match):
         load_grid(p)
+
+
+def test_extended_entries_are_left_out_by_core(tmp_path):
+    p = write_grid(tmp_path, [{"method": "cutmix"}, {"method": "mixup", "extended": True}])
+    assert [c.label for c in load_grid(p).cells] == ["cutmix", "mixup"]
+    assert [c.label for c in load_grid(p, extended=False).cells] == ["cutmix"]
+    assert main([str(p), "--core", "--dry-run"]) == 0
 
 
 def test_jobs_run_cells_side_by_side(tmp_path):

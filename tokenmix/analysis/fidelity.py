@@ -1,80 +1,70 @@
-"""Label fidelity: how well each mixing method's label matches a pixel-level ground truth.
+"""Label fidelity: how well each label rule's partner share matches pixel-level ground truth,
+every rule scored on the *same* mixes, with two oracles, on checkpoints over training.
 
 Why it can be measured at all
 -----------------------------
 Fashion-MNIST objects lie on a black background (pixel value 0). In a cut-and-paste mixed image
-every pixel comes either from the own image a or from the partner b, so the *visible foreground
-mass* of each source is known exactly. With raw intensities I (uint8 scale, **not** normalised,
-summed over the channels) and M the per-pixel partner share of the mixed image (1 where the pixel
-comes from b; every mask used here is 0/1 at the pixel level), the **oracle** partner share is
+every pixel comes either from the own image a or from the partner b, so what is visible of each
+source is known exactly. With raw intensities I (uint8 scale, **not** normalised, summed over the
+channels) and M the per-pixel partner share of the mixed image (0/1 for every mask used here),
+two ground truths of the **partner share** of the label:
 
-    oracle = sum_p M_p I_b(p) / ( sum_p (1 - M_p) I_a(p) + sum_p M_p I_b(p) )
+- ``mass`` oracle: the share of the visible foreground mass that belongs to the partner,
+  ``sum M I_b / (sum (1 - M) I_a + sum M I_b)``. A box pasted over the background of a shirt
+  carries almost all of the partner's shoe and none of the shirt. It is dominated by which
+  garment is brighter or larger (a sandal weighs less than a coat).
+- ``own share`` oracle: each source's own *surviving share* of its foreground, normalised per
+  image, ``v_a = sum (1 - M) I_a / sum I_a``, ``v_b = sum M I_b / sum I_b``, partner share
+  ``v_b / (v_a + v_b)``. How much of each object is still there, whatever its size: what
+  TokenMix's Eq. 2 (teacher map mass per image) and the attention rules (each image's attention
+  mass) estimate.
 
-(0/0, i.e. nothing visible of either object, falls back to the area share mean(M)). It is the
-share of the object evidence in the mixed image that belongs to the partner: a box pasted over
-the background of a shirt carries almost all of the partner's shoe and none of the shirt. It is a
-*pixel-mass* ground truth (brighter garments weigh more), not a semantic one, and it is only
-meaningful on black-background data; on other data (e.g. ``synthetic``) the functions run but the
-numbers mean nothing. ``I_b(p)`` is the partner's pixel *as placed in the mixed image*, which
-differs from b's pixel at p only for SMMix (its window is moved, see below).
+0/0 (nothing visible of either) falls back to the area share mean(M). Both are *pixel-mass*
+ground truths (not semantic ones), meaningful only on black-background data; on other data (e.g.
+``synthetic``) the functions run but the numbers mean nothing. ``I_b`` is the partner's pixel *as
+placed in the mixed image* (SMMix moves its window, see below).
 
-The label rules (every share below is the **partner** share of the target; the package's
-``lam`` convention is the own share, converted at the boundary)
----------------------------------------------------------------------------------------------
-All rules are evaluated on the *same* fixed images with a trained checkpoint in eval mode (no
-dropout), without gradients, with ``torch.manual_seed`` set to the same value before each
-method's ``mix``. The first four rules share one CutMix batch (timm's pixel box, Beta(1, 1),
-one box per batch as in batch mode), so they differ only in the rule:
+The masks (:data:`MASKS`) and the label rules (:data:`RULES`)
+--------------------------------------------------------------
+Every rule is scored on every mask it applies to, so that rows are comparable. For each batch the
+three masks are drawn with ``torch.manual_seed(seed)`` (one draw per batch, as in batch mode):
 
-- ``CutMix (area)``: 1 - lam_area, the pasted area.
+- ``CutMix box``: timm's pixel box, Beta(1, 1), one box per batch.
+- ``TokenMix blocks``: TokenMix's official block mask (28 of 49 tokens on the 7x7 grid, so its
+  area share is constant; on it only a rule that reads the content can correlate).
+- ``SMMix windows``: SMMix's max->min windows (the partner's most salient k x k token window from
+  the model's own clean forward, pasted onto the own least salient window; the partner's pixels
+  are moved).
+
+The rules (every share below is the partner share; the package's ``lam`` is the own share):
+
+- ``area``: 1 - lam_area, the pasted area (CutMix's, TokenMix-area's and SMMix's label).
 - ``TransMix (official)`` / ``TransMix (paper)``: :meth:`tokenmix.methods.TransMix.partner_share`
-  from the last block's CLS attention of the forward on the *mixed* batch (official: mean of
-  the area share and the attention share with the nearest token mask; paper: the attention
-  share with the area-weighted token mask).
-- ``TL-Align``: 1 - beta of :meth:`tokenmix.methods.TLAlign.aligned_target` (the token labels
-  propagated through every block's attention of the mixed forward). It is applied to the pixel
-  box of the shared batch (``variant="paper"``; straddling tokens start with their fractional
-  share) instead of the official token-snapped box, so that it sees the same mixes as CutMix and
-  TransMix.
-
-The others use each method's own mixes:
-
-- ``TokenMix (teacher)``: the official block mask (one per batch, 28 of 49 tokens on the 7x7
-  grid), labels from the teacher activation maps of the *test* split (the images are not
-  augmented: crop box (0, 0, 1, 1), no flip): with the Eq. 2 masses y_own (own map mass left
-  visible) and y_partner (partner map mass pasted in), the paper's normalised rule
-  y_partner / (y_own + y_partner) (0/0 -> 0.5, as :func:`tokenmix.methods.tokenmix.paper_target`).
-  The official target is not normalised (it sums to y_own + y_partner); its normalised partner
-  share is this same number. Skipped (reported, not computed) when there is no teacher cache.
-- ``SMMix (area)``: SMMix's own max->min windows (the partner's most salient k x k token window,
-  from the model's own clean forward, pasted onto the own least salient window), label
-  1 - lam = k^2 / N. The oracle uses the partner's pixels from the *source* window, placed where
-  they are pasted.
-- ``TokenMixup (HTM saliency)`` -- **an adaptation**: HTM swaps tokens in feature space at the
-  input of block ``horizontal_layer`` during training, where no pixel ground truth exists. Here
-  its rule is applied at the *input*: the saliency is the trained model's attention of block
-  ``horizontal_layer`` on the clean images (:func:`tokenmix.analysis.probes.attention_saliency`, the
-  CLS row, as TokenMixup's HTM saliency); every sample is treated as easy (the ScoreNet
-  difficulty gate is a training-time device and is skipped); partners by the Hungarian matching
-  of the saliency gains (:func:`~tokenmix.methods.tokenmixup.match_partners`, over the batch);
-  the replaced tokens by :func:`~tokenmix.methods.tokenmixup.htm_mask` (``paper`` rows, ``rho``);
-  the images are mixed with whole patches at those tokens, and the label is Eq. 11's partner
-  share s_partner / (s_own + s_partner) (:func:`~tokenmix.methods.tokenmixup.htm_label`).
-  Samples whose mask comes out empty (nothing gains more than ``rho``) are not mixed and are
-  left out, so this rule may have fewer samples.
+  from the last block's CLS attention of the forward on the *mixed* batch.
+- ``TL-Align``: 1 - beta of :meth:`tokenmix.methods.TLAlign.aligned_target` (token labels
+  propagated through every block's attention of the mixed forward; ``variant="paper"``, so a
+  pixel box starts with the fractional shares of the tokens it cuts).
+- ``TokenMix (teacher)``: the teacher activation maps of the *test* split (images not augmented:
+  crop box (0, 0, 1, 1), no flip) with Eq. 2's masses, normalised: y_partner / (y_own + y_partner)
+  (0/0 -> 0.5; the official target sums to y_own + y_partner, its normalised partner share is this
+  number). Needs the partner at the same position: not scored on SMMix windows.
+- ``TokenMixup (saliency)``: Eq. 11's saliency share s_partner / (s_own + s_partner) with the
+  trained model's CLS attention of block ``horizontal_layer`` on the clean images
+  (:func:`tokenmix.analysis.probes.attention_saliency`), the saliency TokenMixup's HTM uses, applied
+  to the mask at hand (HTM itself swaps tokens in feature space, where no pixel ground truth
+  exists). Not scored on SMMix windows (same reason).
 
 What the numbers mean
 ---------------------
-Per rule (:func:`summarize`): ``n`` samples, mean absolute error and RMSE of the predicted
-partner share against the oracle (in share units: 0.10 = ten points of label mass on the wrong
-image), the Pearson correlation over the samples (does the rule rank the mixes right; NaN when
-the prediction is constant), the mean predicted and mean oracle shares (a systematic bias shows
-as a gap), and ``area MAE``: the error of the plain area share on the *same* mixes, the baseline
-each rule has to beat. A small error means the label follows what is visible; it says nothing
-directly about accuracy after training.
+Per (mask, rule) (:func:`summarize`): ``n`` samples; for each oracle the mean absolute error (in
+share units: 0.10 = ten points of label mass on the wrong image) and the Pearson correlation
+(does the rule rank the mixes right; NaN when the prediction or the oracle is constant); the mean
+predicted share. The ``area`` row of the same mask is the baseline each rule has to beat. A small
+error means the label follows what is visible; it says nothing directly about accuracy after
+training. :func:`measure_checkpoints` repeats the table on the weights kept during a run
+(``RunConfig.checkpoint_every``): does attention become a better label as the model learns?
 
-Models: timm ViT/DeiT-style models with a CLS token (``vit_cpu`` and friends): TransMix and
-TL-Align read the captured queries and keys of every block.
+Models: timm ViT/DeiT-style models with a CLS token (``vit_cpu`` and friends).
 """
 from __future__ import annotations
 
@@ -97,28 +87,30 @@ from tokenmix.methods.smmix import SMMix, paste_windows
 from tokenmix.methods.step import forward_outputs
 from tokenmix.methods.teacher_maps import TeacherCacheError, load_teacher_maps
 from tokenmix.methods.tlalign import TLAlign
-from tokenmix.methods.tokenmix import TokenMix
-from tokenmix.methods.tokenmixup import htm_label, htm_mask, match_partners, token_gains
+from tokenmix.methods.tokenmix import TokenMix, teacher_masses
 from tokenmix.methods.transmix import TransMix
 from tokenmix.train.engine import load_model
+from tokenmix.train.runs import CHECKPOINT, load_run
 
-#: the rules, in table order
-RULES: tuple[str, ...] = ("CutMix (area)", "TransMix (official)", "TransMix (paper)", "TL-Align",
-                          "TokenMix (teacher)", "SMMix (area)", "TokenMixup (HTM saliency)")
-#: the mixes each rule is measured on
-RULE_MIXES: dict[str, str] = {
-    "CutMix (area)": "CutMix box", "TransMix (official)": "CutMix box", "TransMix (paper)": "CutMix box",
-    "TL-Align": "CutMix box", "TokenMix (teacher)": "TokenMix blocks", "SMMix (area)": "SMMix max->min window",
-    "TokenMixup (HTM saliency)": "HTM token swap (input level)",
-}
+#: the masks every rule is scored on, in table order
+MASKS: tuple[str, ...] = ("CutMix box", "TokenMix blocks", "SMMix windows")
+#: the label rules, in table order
+RULES: tuple[str, ...] = ("area", "TransMix (official)", "TransMix (paper)", "TL-Align", "TokenMix (teacher)",
+                          "TokenMixup (saliency)")
+#: rules that read the partner's map at the pasted position (not applicable to moved windows)
+SAME_POSITION_RULES: frozenset[str] = frozenset({"TokenMix (teacher)", "TokenMixup (saliency)"})
+#: the two ground truths
+ORACLES: tuple[str, ...] = ("mass", "own share")
+#: what each rule estimates (the oracle it targets), for the report
+TARGETS: dict[str, str] = {"area": "neither (the pasted area)", "TransMix (official)": "own share (half area)",
+                           "TransMix (paper)": "own share", "TL-Align": "own share", "TokenMix (teacher)": "own share",
+                           "TokenMixup (saliency)": "own share"}
 #: columns of :func:`summarize`
-TABLE_COLUMNS: tuple[str, ...] = ("rule", "mix", "n", "MAE", "RMSE", "pearson", "mean predicted", "mean oracle",
-                                  "area MAE", "note")
+TABLE_COLUMNS: tuple[str, ...] = ("mask", "rule", "n", "MAE (mass)", "pearson (mass)", "MAE (own share)",
+                                  "pearson (own share)", "mean predicted", "note")
 #: columns of :func:`fidelity_samples`
-SAMPLE_COLUMNS: tuple[str, ...] = ("rule", "batch", "sample", "predicted", "oracle", "area")
-
-Shares = dict[str, tuple[Tensor, Tensor]]
-Triples = dict[str, tuple[Tensor, Tensor, Tensor]]
+SAMPLE_COLUMNS: tuple[str, ...] = ("mask", "rule", "batch", "sample", "predicted", "oracle_mass", "oracle_own",
+                                   "area")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -151,6 +143,33 @@ def oracle_partner_share(own: Tensor, partner: Tensor, pixel_partner_mask: Tenso
     total = own_mass + par_mass
     area = m.mean(dim=(1, 2, 3))
     return torch.where(total > 0, par_mass / total.clamp_min(1e-300), area).float()
+
+
+def own_share_oracle(own: Tensor, partner_placed: Tensor, partner_full: Tensor, pixel_partner_mask: Tensor) -> Tensor:
+    """The ground-truth partner share from each source's surviving share of its own foreground.
+
+    Args:
+        own: (B, C, H, W) raw intensities (>= 0) of each sample's own image.
+        partner_placed: (B, C, H, W) the partner's pixels as placed in the mixed image (read where
+            the mask is > 0).
+        partner_full: (B, C, H, W) the partner's whole image (its total foreground mass).
+        pixel_partner_mask: (B, 1, H, W) or (B, H, W) partner share of every pixel.
+    Returns:
+        (B,) float32 ``v_b / (v_a + v_b)`` with ``v_a = sum (1 - M) I_a / sum I_a`` and
+        ``v_b = sum M I_b / sum I_b`` (an empty image counts as 0 surviving); 0/0 -> mean(M).
+    """
+    m = pixel_partner_mask.float()
+    if m.dim() == 3:
+        m = m.unsqueeze(1)
+    if not (own.shape == partner_placed.shape == partner_full.shape) or own.dim() != 4 or m.shape[0] != own.shape[0]:
+        raise ValueError(f"expected three (B, C, H, W) images and a (B, 1, H, W) mask; got {tuple(own.shape)}, "
+                         f"{tuple(partner_placed.shape)}, {tuple(partner_full.shape)}, {tuple(pixel_partner_mask.shape)}")
+    a, bp, bf, m = own.double(), partner_placed.double(), partner_full.double(), m.double()
+    tot_a, tot_b = a.sum(dim=(1, 2, 3)), bf.sum(dim=(1, 2, 3))
+    v_a = torch.where(tot_a > 0, ((1 - m) * a).sum(dim=(1, 2, 3)) / tot_a.clamp_min(1e-300), torch.zeros_like(tot_a))
+    v_b = torch.where(tot_b > 0, (m * bp).sum(dim=(1, 2, 3)) / tot_b.clamp_min(1e-300), torch.zeros_like(tot_b))
+    den = v_a + v_b
+    return torch.where(den > 0, v_b / den.clamp_min(1e-300), m.mean(dim=(1, 2, 3))).float()
 
 
 def box_pixel_mask(box: tuple[int, int, int, int], batch: int, img_size: tuple[int, int]) -> Tensor:
@@ -194,10 +213,6 @@ def normalise(x_raw: Tensor, mean: Sequence[float], std: Sequence[float]) -> Ten
     return (x_raw.float() / 255.0 - m) / s
 
 
-def _forward_qk(model: nn.Module, x: Tensor) -> ModelOutputs:
-    return forward_outputs(model, Needs(qk=True), x)
-
-
 def _num_classes(model: nn.Module) -> int:
     n = getattr(model, "num_classes", None)
     if n:
@@ -205,159 +220,120 @@ def _num_classes(model: nn.Module) -> int:
     return int(model.get_classifier().out_features)
 
 
-def _box_rules(model: nn.Module, x: Tensor, xr: Tensor, y: Tensor, grid: TokenGrid, k: int,
-               seed: int) -> Triples:
+def _draw_mix(mask: str, model: nn.Module, x: Tensor, xr: Tensor, y: Tensor, grid: TokenGrid, k: int,
+              seed: int) -> tuple[MixedBatch, Tensor]:
+    """One mask family's mixes of a batch: (mixed batch, the raw partner pixels as placed)."""
     torch.manual_seed(seed)
-    cm = CutMix(k)
-    cm.grid = grid
-    mixed = cm.mix(x, y)
-    idx = mixed.partner_index
-    oracle = oracle_partner_share(xr, xr[idx], pixel_mask(mixed, grid))
-    outputs = _forward_qk(model, mixed.x)
-    area = 1.0 - mixed.lam_area.float()
-    out: Triples = {"CutMix (area)": (area, oracle, area)}
-    for variant in ("official", "paper"):
-        tm = TransMix(k, variant=variant)
+    if mask == "CutMix box":
+        cm = CutMix(k)
+        cm.grid = grid
+        mixed = cm.mix(x, y)
+        return mixed, xr[mixed.partner_index]
+    if mask == "TokenMix blocks":
+        tmx = TokenMix(k, variant="official", mask="block", labels="area", switch_prob=1.0)
+        tmx.grid = grid
+        mixed = tmx.mix(x, y)
+        return mixed, xr[mixed.partner_index]
+    if mask == "SMMix windows":
+        sm = SMMix(k, switch_prob=1.0, shared_head=True)  # shared head: no new module attached to the model
+        sm.prepare_model(model)
+        mixed = sm.mix(x, y)
+        e = mixed.extras
+        return mixed, paste_windows(xr, xr[mixed.partner_index], e["src"], e["dst"], e["k"], grid)
+    raise ValueError(f"unknown mask {mask!r}; valid: {', '.join(MASKS)}")
+
+
+def _rule_share(rule: str, model: nn.Module, mixed: MixedBatch, outputs: ModelOutputs, grid: TokenGrid, k: int,
+                y: Tensor, index: Tensor | None, teacher_maps: Any, saliency: Tensor | None) -> Tensor | None:
+    """The partner share (B,) that ``rule`` gives the mixes of ``mixed`` (None: cannot be computed)."""
+    if rule == "area":
+        return 1.0 - mixed.lam_area.float()
+    if rule.startswith("TransMix"):
+        tm = TransMix(k, variant="official" if "official" in rule else "paper")
         tm.prepare_model(model)
         if not tm.needs.qk:
-            raise ValueError(f"the fidelity benchmark needs a timm ViT/DeiT with a CLS token, "
-                             f"got {type(model).__name__}")
+            raise ValueError(f"the fidelity benchmark needs a timm ViT/DeiT with a CLS token, got {type(model).__name__}")
         attn, g = tm.attention(outputs)
-        out[f"TransMix ({variant})"] = (tm.partner_share(attn, mixed, g).float(), oracle, area)
-    tla = TLAlign(k, variant="paper", cutmix_snap="pixel", source="qk")
-    tla.prepare_model(model)
-    _, beta = tla.aligned_target(mixed, tla.attention_inputs(outputs))
-    out["TL-Align"] = (1.0 - beta.float(), oracle, area)
-    return out
-
-
-def _tokenmix_rule(x: Tensor, xr: Tensor, y: Tensor, index: Tensor, grid: TokenGrid, k: int, maps: Any,
-                   seed: int) -> tuple[Tensor, Tensor, Tensor]:
-    tmx = TokenMix(k, variant="official", mask="block", labels="teacher", switch_prob=1.0)
-    tmx.grid, tmx.maps = grid, maps
-    b = x.shape[0]
-    meta = {"index": index.long().cpu(), "box": torch.tensor([[0.0, 0.0, 1.0, 1.0]]).expand(b, 4).contiguous(),
-            "flip": torch.zeros(b, dtype=torch.bool)}
-    torch.manual_seed(seed)
-    mixed = tmx.mix(x, y, meta=meta)
-    y_own, y_par = mixed.extras["y_own"].float(), mixed.extras["y_partner"].float()
-    s = y_own + y_par
-    pred = torch.where(s > 0, y_par / s.clamp_min(1e-12), torch.full_like(s, 0.5))
-    oracle = oracle_partner_share(xr, xr[mixed.partner_index], pixel_mask(mixed, grid))
-    return pred, oracle, 1.0 - mixed.lam_area.float()
-
-
-def _smmix_rule(model: nn.Module, x: Tensor, xr: Tensor, y: Tensor, k: int,
-                seed: int) -> tuple[Tensor, Tensor, Tensor]:
-    sm = SMMix(k, switch_prob=1.0, shared_head=True)  # shared head: no new module attached to the model
-    sm.prepare_model(model)
-    grid = sm.grid
-    torch.manual_seed(seed)
-    mixed = sm.mix(x, y)
-    e = mixed.extras
-    placed = paste_windows(xr, xr[mixed.partner_index], e["src"], e["dst"], e["k"], grid)  # raw mixed images
-    oracle = oracle_partner_share(xr, placed, pixel_mask(mixed, grid))
-    area = 1.0 - mixed.lam_area.float()  # SMMix's label is its area share
-    return area, oracle, area
-
-
-def htm_input_mix(saliency: Tensor, rho: float = 0.005, variant: str = "paper") -> tuple[Tensor, Tensor, Tensor]:
-    """HTM's pairing, token mask and label applied to a batch of images (every sample easy).
-
-    Args:
-        saliency: (B, N) token saliency of the clean images.
-        rho: minimum per-token gain; variant: mask rows of :func:`~tokenmix.methods.tokenmixup.htm_mask`.
-    Returns:
-        partners (B,) int64 (Hungarian matching of the gains over the batch), mask (B, N) bool
-        (tokens replaced by the partner's), predicted partner share (B,) = Eq. 11's
-        s_partner / (s_own + s_partner) (0 where the mask is empty).
-    """
-    sal = saliency.float()
-    gains = token_gains(sal, sal, rho)  # (B, B, N)
-    partners = match_partners(gains.sum(-1))
-    mask = htm_mask(gains, partners, variant)
-    b = sal.shape[0]
-    t_own = torch.tensor([[1.0, 0.0]]).expand(b, 2).to(sal.device)
-    t_par = torch.tensor([[0.0, 1.0]]).expand(b, 2).to(sal.device)
-    share = htm_label(t_own, t_par, sal, sal[partners], mask)[:, 1].float()
-    return partners, mask, share
-
-
-def _htm_rule(model: nn.Module, x: Tensor, xr: Tensor, grid: TokenGrid, layer: int,
-              rho: float) -> tuple[Tensor, Tensor, Tensor]:
-    depth = len(model.blocks)
-    sal = attention_saliency(model, x, min(layer, depth - 1))  # (B, N)
-    partners, mask, share = htm_input_mix(sal, rho)
-    keep = mask.any(1)
-    oracle = oracle_partner_share(xr, xr[partners], token_mask_to_pixels(mask.float(), grid))
-    return share[keep], oracle[keep], mask.float().mean(1)[keep]
+        return tm.partner_share(attn, mixed, g).float()
+    if rule == "TL-Align":
+        tla = TLAlign(k, variant="paper", cutmix_snap="pixel", source="qk")
+        tla.prepare_model(model)
+        _, beta = tla.aligned_target(mixed, tla.attention_inputs(outputs))
+        return 1.0 - beta.float()
+    m, idx = mixed.partner_mask.float(), mixed.partner_index
+    if rule == "TokenMix (teacher)":
+        if teacher_maps is None or index is None:
+            return None
+        b = m.shape[0]
+        own = teacher_maps.token_maps(index.long().cpu(), y.cpu(), torch.tensor([[0.0, 0.0, 1.0, 1.0]]).expand(b, 4),
+                                      torch.zeros(b, dtype=torch.bool), grid.rows, grid.cols,
+                                      TokenMix(k).clamp_negative).to(m.device).float()
+        y_own, y_par = teacher_masses(own, m, idx)
+        s = y_own + y_par
+        return torch.where(s > 0, y_par / s.clamp_min(1e-12), torch.full_like(s, 0.5))
+    if rule == "TokenMixup (saliency)":
+        s_own, s_par = (saliency * (1 - m)).sum(1), (saliency[idx] * m).sum(1)
+        s = s_own + s_par
+        return torch.where(s > 0, s_par / s.clamp_min(1e-12), 1.0 - mixed.lam_area.float())
+    raise ValueError(f"unknown rule {rule!r}; valid: {', '.join(RULES)}")
 
 
 @torch.no_grad()
-def rule_triples(model: nn.Module, x_raw: Tensor, y: Tensor, mean: Sequence[float], std: Sequence[float],
-                 index: Tensor | None = None, teacher_maps: Any = None, seed: int = 0,
-                 rules: Sequence[str] = RULES, htm_layer: int = 2, htm_rho: float = 0.005) -> Triples:
-    """:func:`rule_shares` plus the pasted area share of each rule's mixes:
-    {rule: (predicted, oracle, area)}, each (B,) (HTM: (M,))."""
-    unknown = sorted(set(rules) - set(RULES))
-    if unknown:
-        raise ValueError(f"unknown rule(s) {', '.join(unknown)}; valid: {', '.join(RULES)}")
+def score_batch(model: nn.Module, x_raw: Tensor, y: Tensor, mean: Sequence[float], std: Sequence[float],
+                index: Tensor | None = None, teacher_maps: Any = None, seed: int = 0,
+                masks: Sequence[str] = MASKS, rules: Sequence[str] = RULES,
+                htm_layer: int = 2) -> dict[tuple[str, str], dict[str, Tensor]]:
+    """Every rule's partner share on every mask's mixes of one batch, with both oracles.
+
+    Args:
+        model: a trained ViT with a CLS token (put in eval mode here; its mode and the global torch
+            RNG state are restored afterwards).
+        x_raw: (B, C, H, W) raw images (uint8 or float in 0..255, not normalised); B even.
+        y: (B,) labels. mean, std: the dataset's normalisation (0..1 scale).
+        index: (B,) dataset indices of the images in the split the teacher maps cover.
+        teacher_maps: a :class:`tokenmix.methods.teacher_maps.TeacherMaps` (or anything with its
+            ``token_maps``); None leaves ``TokenMix (teacher)`` out.
+        seed: ``torch.manual_seed(seed)`` before each mask is drawn (the same draw for every rule).
+        htm_layer: the block whose CLS attention is TokenMixup's saliency (clipped to the depth).
+    Returns:
+        {(mask, rule): {"predicted", "oracle_mass", "oracle_own", "area"}}, each (B,) float32 on the
+        CPU, for the pairs that apply (:data:`SAME_POSITION_RULES` not on SMMix windows).
+    """
+    for name, given, valid in (("mask", masks, MASKS), ("rule", rules, RULES)):
+        bad = sorted(set(given) - set(valid))
+        if bad:
+            raise ValueError(f"unknown {name}(s) {', '.join(bad)}; valid: {', '.join(valid)}")
     if x_raw.dim() != 4 or len(x_raw) != len(y) or len(y) < 2 or len(y) % 2:
         raise ValueError(f"expected an even batch of images (B, C, H, W) and B labels, got {tuple(x_raw.shape)} "
                          f"and {len(y)}")
     grid = TokenGrid.from_model(model)
     k = _num_classes(model)
     device = next(model.parameters()).device
-    xr = x_raw.float().to(device)
-    y = y.long().to(device)
+    xr, y = x_raw.float().to(device), y.long().to(device)
     x = normalise(xr, mean, std)
-    was_training = model.training
+    was_training, rng = model.training, torch.get_rng_state()
     model.eval()
-    out: Triples = {}
-    rng = torch.get_rng_state()
+    out: dict[tuple[str, str], dict[str, Tensor]] = {}
     try:
-        if any(RULE_MIXES[r] == "CutMix box" for r in rules):
-            out.update({r: v for r, v in _box_rules(model, x, xr, y, grid, k, seed).items() if r in rules})
-        if "TokenMix (teacher)" in rules and teacher_maps is not None:
-            if index is None:
-                raise ValueError("TokenMix (teacher) needs the images' dataset indices (index=...)")
-            out["TokenMix (teacher)"] = _tokenmix_rule(x, xr, y, index, grid, k, teacher_maps, seed)
-        if "SMMix (area)" in rules:
-            out["SMMix (area)"] = _smmix_rule(model, x, xr, y, k, seed)
-        if "TokenMixup (HTM saliency)" in rules:
-            out["TokenMixup (HTM saliency)"] = _htm_rule(model, x, xr, grid, htm_layer, htm_rho)
+        saliency = None
+        if "TokenMixup (saliency)" in rules:
+            saliency = attention_saliency(model, x, min(htm_layer, len(model.blocks) - 1)).float()
+        for mask in masks:
+            mixed, placed = _draw_mix(mask, model, x, xr, y, grid, k, seed)
+            pix = pixel_mask(mixed, grid)
+            oracles = {"oracle_mass": oracle_partner_share(xr, placed, pix),
+                       "oracle_own": own_share_oracle(xr, placed, xr[mixed.partner_index], pix)}
+            outputs = forward_outputs(model, Needs(qk=True), mixed.x)
+            for rule in rules:
+                if mask == "SMMix windows" and rule in SAME_POSITION_RULES:
+                    continue
+                pred = _rule_share(rule, model, mixed, outputs, grid, k, y, index, teacher_maps, saliency)
+                if pred is not None:
+                    out[(mask, rule)] = {"predicted": pred, **oracles, "area": 1.0 - mixed.lam_area.float()}
     finally:
         model.train(was_training)
         torch.set_rng_state(rng)
-    return {r: tuple(t.detach().cpu().float() for t in out[r]) for r in rules if r in out}  # type: ignore[misc]
-
-
-def rule_shares(model: nn.Module, x_raw: Tensor, y: Tensor, mean: Sequence[float], std: Sequence[float],
-                index: Tensor | None = None, teacher_maps: Any = None, seed: int = 0,
-                rules: Sequence[str] = RULES, htm_layer: int = 2, htm_rho: float = 0.005) -> Shares:
-    """Predicted and oracle partner shares of every rule on one batch.
-
-    Args:
-        model: a trained ViT with a CLS token (put in eval mode here; its mode and the global torch
-            RNG state are restored afterwards).
-        x_raw: (B, C, H, W) raw images (uint8 or float in 0..255, not normalised); B even.
-        y: (B,) labels.
-        mean, std: the dataset's normalisation (0..1 scale, :func:`tokenmix.data.dataset_info`).
-        index: (B,) dataset indices of the images in the split the teacher maps cover
-            (needed for ``TokenMix (teacher)``).
-        teacher_maps: an object with ``token_maps(index, labels, box, flip, rows, cols,
-            clamp_negative) -> (B, rows * cols)`` (:class:`tokenmix.methods.teacher_maps.TeacherMaps`); None
-            skips ``TokenMix (teacher)``.
-        seed: ``torch.manual_seed(seed)`` before each method's ``mix``.
-        rules: which of :data:`RULES` to compute.
-        htm_layer, htm_rho: TokenMixup's ``horizontal_layer`` (clipped to the depth) and ``rho``.
-    Returns:
-        {rule: (predicted partner share, oracle partner share)}, each (B,) float32 in [0, 1]
-        (``TokenMixup (HTM saliency)``: (M,) with M <= B, the samples HTM mixes), in ``rules``
-        order. Rules that cannot be computed (TokenMix without maps) are absent.
-    """
-    return {r: (p, o) for r, (p, o, _) in rule_triples(model, x_raw, y, mean, std, index, teacher_maps, seed, rules,
-                                                         htm_layer, htm_rho).items()}
+    return {key: {n: t.detach().cpu().float() for n, t in d.items()} for key, d in out.items()}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -365,19 +341,18 @@ def rule_shares(model: nn.Module, x_raw: Tensor, y: Tensor, mean: Sequence[float
 
 def fidelity_samples(model: nn.Module, x_raw: Tensor, y: Tensor, mean: Sequence[float], std: Sequence[float],
                      index: Tensor | None = None, teacher_maps: Any = None, n_batches: int = 16,
-                     batch_size: int = 32, seed: int = 0, rules: Sequence[str] = RULES, **kwargs: Any) -> pd.DataFrame:
-    """Per-sample shares of :func:`rule_shares` over consecutive batches of the given images.
+                     batch_size: int = 32, seed: int = 0, masks: Sequence[str] = MASKS,
+                     rules: Sequence[str] = RULES, **kwargs: Any) -> pd.DataFrame:
+    """Per-sample shares of :func:`score_batch` over consecutive batches of the given images.
 
     Batch i takes images ``[i * batch_size, (i + 1) * batch_size)`` and seed ``seed + i``.
 
     Args:
         x_raw, y, index: (n, C, H, W) raw images, (n,) labels, (n,) dataset indices, with
             n >= n_batches * batch_size.
-        kwargs: ``htm_layer``, ``htm_rho`` of :func:`rule_shares`.
+        kwargs: ``htm_layer`` of :func:`score_batch`.
     Returns:
-        Long table with :data:`SAMPLE_COLUMNS`: rule, batch, sample (running number within the
-        batch; for HTM among the mixed samples), predicted and oracle partner shares, and ``area`` (the
-        pasted area share of that mix).
+        Long table with :data:`SAMPLE_COLUMNS`.
     """
     if batch_size < 2 or batch_size % 2:
         raise ValueError(f"batch_size must be even and >= 2, got {batch_size}")
@@ -386,89 +361,98 @@ def fidelity_samples(model: nn.Module, x_raw: Tensor, y: Tensor, mean: Sequence[
     rows: list[pd.DataFrame] = []
     for i in range(n_batches):
         sl = slice(i * batch_size, (i + 1) * batch_size)
-        triples = rule_triples(model, x_raw[sl], y[sl], mean, std, None if index is None else index[sl],
-                               teacher_maps, seed + i, rules, **kwargs)
-        for r, (p, o, a) in triples.items():
-            rows.append(pd.DataFrame({"rule": r, "batch": i, "sample": np.arange(len(p)), "predicted": p.numpy(),
-                                      "oracle": o.numpy(), "area": a.numpy()}))
+        scored = score_batch(model, x_raw[sl], y[sl], mean, std, None if index is None else index[sl], teacher_maps,
+                             seed + i, masks, rules, **kwargs)
+        for (mask, rule), d in scored.items():
+            rows.append(pd.DataFrame({"mask": mask, "rule": rule, "batch": i, "sample": np.arange(len(d["predicted"])),
+                                      **{c: d[c].numpy() for c in ("predicted", "oracle_mass", "oracle_own", "area")}}))
     if not rows:
         return pd.DataFrame(columns=list(SAMPLE_COLUMNS))
     return pd.concat(rows, ignore_index=True)[list(SAMPLE_COLUMNS)]
 
 
-def summarize(samples: pd.DataFrame, rules: Sequence[str] = RULES,
+def summarize(samples: pd.DataFrame, masks: Sequence[str] = MASKS, rules: Sequence[str] = RULES,
               skipped: Mapping[str, str] | None = None) -> pd.DataFrame:
-    """The fidelity table: one row per rule (in ``rules`` order) with :data:`TABLE_COLUMNS`.
-
-    Rules without samples get n = 0, NaN metrics and ``note`` = ``skipped[rule]`` (or
-    ``"no samples"``).
-    """
+    """The fidelity table: one row per applicable (mask, rule), in ``masks`` x ``rules`` order,
+    with :data:`TABLE_COLUMNS`. A rule without samples gets n = 0, NaN metrics and ``note`` =
+    ``skipped[rule]`` (or ``"no samples"``)."""
     skipped = dict(skipped or {})
     rows = []
-    for r in rules:
-        d = samples[samples["rule"] == r] if len(samples) else samples
-        row: dict[str, Any] = {"rule": r, "mix": RULE_MIXES.get(r, ""), "n": int(len(d))}
-        if len(d):
-            p = torch.tensor(d["predicted"].to_numpy(np.float64))
-            o = torch.tensor(d["oracle"].to_numpy(np.float64))
-            a = torch.tensor(d["area"].to_numpy(np.float64))
-            err = p - o
-            row.update({"MAE": float(err.abs().mean()), "RMSE": float(err.pow(2).mean().sqrt()),
-                        "pearson": float(pearson(p, o)), "mean predicted": float(p.mean()),
-                        "mean oracle": float(o.mean()), "area MAE": float((a - o).abs().mean()),
-                        "note": skipped.get(r, "")})
-        else:
-            row.update({c: float("nan") for c in ("MAE", "RMSE", "pearson", "mean predicted", "mean oracle",
-                                                   "area MAE")})
-            row["note"] = skipped.get(r, "no samples")
-        rows.append(row)
+    for mask in masks:
+        for rule in rules:
+            if mask == "SMMix windows" and rule in SAME_POSITION_RULES:
+                continue
+            d = samples[(samples["mask"] == mask) & (samples["rule"] == rule)] if len(samples) else samples
+            row: dict[str, Any] = {"mask": mask, "rule": rule, "n": int(len(d)), "note": ""}
+            if len(d):
+                p = torch.tensor(d["predicted"].to_numpy(np.float64))
+                for oracle, col in (("mass", "oracle_mass"), ("own share", "oracle_own")):
+                    o = torch.tensor(d[col].to_numpy(np.float64))
+                    row[f"MAE ({oracle})"] = float((p - o).abs().mean())
+                    row[f"pearson ({oracle})"] = float(pearson(p, o))
+                row["mean predicted"] = float(p.mean())
+            else:
+                row.update({c: float("nan") for c in TABLE_COLUMNS[3:-1]})
+                row["note"] = skipped.get(rule, "no samples")
+            rows.append(row)
     return pd.DataFrame(rows, columns=list(TABLE_COLUMNS))
 
 
 def fidelity_table(model: nn.Module, x_raw: Tensor, y: Tensor, mean: Sequence[float], std: Sequence[float],
                    index: Tensor | None = None, teacher_maps: Any = None, n_batches: int = 16,
-                   batch_size: int = 32, seed: int = 0, rules: Sequence[str] = RULES,
-                   return_samples: bool = False, **kwargs: Any) -> pd.DataFrame | tuple[pd.DataFrame, pd.DataFrame]:
+                   batch_size: int = 32, seed: int = 0, return_samples: bool = False,
+                   **kwargs: Any) -> pd.DataFrame | tuple[pd.DataFrame, pd.DataFrame]:
     """:func:`summarize` of :func:`fidelity_samples` (default 16 batches of 32 images: 512 mixes per
-    rule, 16 CutMix boxes and TokenMix masks; about 10 s for ``vit_cpu`` at 28 px on 2 CPU cores).
-    ``TokenMix (teacher)`` is marked skipped when ``teacher_maps`` is None.
-
-    Returns:
-        The table, or (table, samples) with ``return_samples``.
-    """
-    samples = fidelity_samples(model, x_raw, y, mean, std, index, teacher_maps, n_batches, batch_size, seed, rules,
-                               **kwargs)
+    (mask, rule), 16 draws of each mask). ``TokenMix (teacher)`` is marked skipped when
+    ``teacher_maps`` is None. Returns the table, or (table, samples) with ``return_samples``."""
+    samples = fidelity_samples(model, x_raw, y, mean, std, index, teacher_maps, n_batches, batch_size, seed, **kwargs)
     skipped = {"TokenMix (teacher)": "skipped: no teacher maps"} if teacher_maps is None else {}
-    table = summarize(samples, rules, skipped)
+    table = summarize(samples, kwargs.get("masks", MASKS), kwargs.get("rules", RULES), skipped)
     return (table, samples) if return_samples else table
+
+
+def _open_maps(cfg: Any, data_dir: str | Path, teacher: str, teacher_maps: Any) -> Any:
+    if isinstance(teacher_maps, str) and teacher_maps == "auto":
+        try:
+            return load_teacher_maps(cfg.dataset, cfg.img_size, teacher, "test", data_dir)
+        except TeacherCacheError:
+            return None
+    return teacher_maps
 
 
 def measure_run(run_dir: str | Path, data_dir: str | Path = "data", n_batches: int = 16, batch_size: int = 32,
                 seed: int = 0, teacher: str = "cnn_small", teacher_maps: Any = "auto",
-                download: bool = False) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """The fidelity table of a run folder's checkpoint on its dataset's test split.
-
-    The images are the fixed subset of ``n_batches * batch_size`` test images of
-    :func:`tokenmix.data.load_split` (``subset``, seed 0). ``teacher_maps="auto"`` opens the
-    test split of the run's dataset's teacher cache under ``data_dir`` (None when missing or
-    stale: TokenMix is then marked skipped); or pass maps / None.
-
-    Returns:
-        (table, samples).
-    """
-    model, cfg = load_model(run_dir)
+                download: bool = False, checkpoint: str | Path | None = None) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """The fidelity table of a run's checkpoint (the final one, or ``checkpoint``) on its dataset's
+    test split: the fixed subset of ``n_batches * batch_size`` test images of
+    :func:`tokenmix.data.load_split` (``subset``, seed 0). ``teacher_maps="auto"`` opens the test
+    split of the teacher cache under ``data_dir`` (None when missing or stale: TokenMix is then
+    marked skipped). Returns (table, samples)."""
+    model, cfg = load_model(run_dir, checkpoint=checkpoint)
     info = dataset_info(cfg.dataset)
     x, y, idx = load_split(cfg.dataset, cfg.img_size, False, data_dir, download, subset=n_batches * batch_size)
-    if isinstance(teacher_maps, str) and teacher_maps == "auto":
-        try:
-            teacher_maps = load_teacher_maps(cfg.dataset, cfg.img_size, teacher, "test", data_dir)
-        except TeacherCacheError:
-            teacher_maps = None
-    table, samples = fidelity_table(model, x, y, info.mean, info.std, idx, teacher_maps, n_batches, batch_size, seed,
-                                    return_samples=True)
-    return table, samples
+    maps = _open_maps(cfg, data_dir, teacher, teacher_maps)
+    return fidelity_table(model, x, y, info.mean, info.std, idx, maps, n_batches, batch_size, seed, return_samples=True)
 
 
-__all__ = ["RULES", "RULE_MIXES", "SAMPLE_COLUMNS", "TABLE_COLUMNS", "box_pixel_mask", "fidelity_samples",
-           "fidelity_table", "htm_input_mix", "measure_run", "normalise", "oracle_partner_share", "pixel_mask",
-           "rule_shares", "rule_triples", "summarize"]
+def measure_checkpoints(run_dir: str | Path, data_dir: str | Path = "data", n_batches: int = 16,
+                        batch_size: int = 32, seed: int = 0, **kwargs: Any) -> pd.DataFrame:
+    """:func:`measure_run` on every checkpoint kept during the run (``RunConfig.checkpoint_every``)
+    and the final one, on the same images and mixes: the fidelity table with an ``epoch`` column
+    first, and the checkpoint's test top-1 (``top1``, from the run's metrics) beside it."""
+    run = load_run(run_dir)
+    files = dict(run.epoch_checkpoints())
+    final_epoch = int((run.summary or {}).get("epochs", run.config.get("epochs", 0)))
+    files.setdefault(final_epoch, Path(run_dir) / CHECKPOINT)
+    top1 = {int(m["epoch"]): m.get("top1", float("nan")) for m in run.metrics}
+    tables = []
+    for epoch, path in sorted(files.items()):
+        table, _ = measure_run(run_dir, data_dir, n_batches, batch_size, seed, checkpoint=path, **kwargs)
+        tables.append(table.assign(epoch=epoch, top1=top1.get(epoch, float("nan"))))
+    df = pd.concat(tables, ignore_index=True)
+    return df[["epoch", "top1"] + [c for c in df.columns if c not in ("epoch", "top1")]]
+
+
+__all__ = ["MASKS", "ORACLES", "RULES", "SAMPLE_COLUMNS", "SAME_POSITION_RULES", "TABLE_COLUMNS", "TARGETS",
+           "box_pixel_mask", "fidelity_samples", "fidelity_table", "measure_checkpoints", "measure_run", "normalise",
+           "oracle_partner_share", "own_share_oracle", "pixel_mask", "score_batch", "summarize"]

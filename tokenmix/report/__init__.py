@@ -23,6 +23,7 @@ import matplotlib.pyplot as plt
 from tokenmix.report.fidelity import write_label_fidelity
 from tokenmix.report.figures import (find_root, plot_curves, save_figure, show_attention, show_images, show_mixed_batch,
                                      write_if_changed)
+from tokenmix.report.regime import write_regime_report
 from tokenmix.report.study import MAIN_TABLES, paper_table_markdown, write_study_figures
 from tokenmix.report.tables import (markdown_table, mixed_targets_table, paired_table, results_display,
                                     results_markdown, results_table, summary_table)
@@ -92,7 +93,7 @@ def _strip_title(md: str) -> str:
 
 
 #: README blocks filled from generated Markdown files: block name -> file in the figures folder
-README_BLOCKS = {"results": "results.md", "fidelity": "label_fidelity.md", "bench": "bench.md"}
+README_BLOCKS = {"results": "results.md", "regime": "regime.md", "fidelity": "label_fidelity.md", "bench": "bench.md"}
 
 
 def fill_readme(readme: str | Path, figures_dir: str | Path, runs_dir: str | Path) -> bool:
@@ -122,6 +123,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--figures", default="figures", metavar="DIR", help="output folder (default: figures)")
     p.add_argument("--data_dir", default="data", metavar="DIR",
                    help="datasets and the teacher cache, for the label-fidelity benchmark (default: data)")
+    p.add_argument("--regime", default=None, metavar="DIR",
+                   help="also report the regime pilot's records in DIR (regime.{png,svg,csv,md})")
     p.add_argument("--readme", default=None, metavar="FILE",
                    help="also paste the results table between the results markers of FILE (e.g. README.md)")
     args = p.parse_args(None if argv is None else list(argv))
@@ -144,6 +147,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("tokenmix report: no complete fashion_mnist vit_cpu run with a checkpoint; label-fidelity benchmark skipped")
     paths += fidelity
     paths += write_study_figures(args.runs, args.figures, args.data_dir)
+    if args.regime:
+        regime = write_regime_report(args.regime, args.figures)
+        if not regime:
+            print(f"tokenmix report: no complete runs in {args.regime}/; regime pilot skipped")
+        paths += regime
     if args.readme and fill_readme(args.readme, args.figures, args.runs) and Path(args.readme) not in paths:
         paths.append(Path(args.readme))
     skipped = len(all_runs) - n_complete

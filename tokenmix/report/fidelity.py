@@ -1,16 +1,20 @@
-"""Label-fidelity report: each label rule's partner share against the foreground-mass oracle.
+"""Label-fidelity report: every label rule on the same mixes, against two oracles, over training.
 
-- :func:`plot_fidelity` - bar chart of the mean absolute error per rule (with the area share's
-  error on the same mixes marked) and small multiples of predicted vs oracle partner share;
-- :func:`fidelity_markdown` - the table as markdown;
-- :func:`find_fidelity_run` - the run whose checkpoint is measured;
-- :func:`write_label_fidelity` - ``figures/label_fidelity.{csv,md,png,svg}`` (called by the report).
+- :func:`find_fidelity_run` - the run whose checkpoints are measured (CutMix with kept epoch
+  checkpoints preferred);
+- :func:`fidelity_records` - the measurements (:func:`tokenmix.analysis.fidelity.measure_checkpoints`),
+  cached as analysis records under ``<runs_dir>/analysis/label_fidelity.csv`` so that a clone
+  without checkpoints redraws the figures;
+- :func:`plot_fidelity` - per mask, each rule's error and correlation against both oracles;
+- :func:`plot_fidelity_training` - the same numbers against the epoch of the checkpoint;
+- :func:`fidelity_markdown` - the final checkpoint's table as markdown;
+- :func:`write_label_fidelity` - ``figures/label_fidelity.{csv,md,png,svg}`` and
+  ``label_fidelity_training.{png,svg}`` (called by the report).
 
-The measurement itself (oracle, rules, adaptations): :mod:`tokenmix.analysis.fidelity`.
+The measurement itself (oracles, masks, rules): :mod:`tokenmix.analysis.fidelity`.
 """
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -19,153 +23,195 @@ import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
 
-from tokenmix.analysis.fidelity import RULES, TABLE_COLUMNS, measure_run, summarize
+from tokenmix.analysis.fidelity import MASKS, ORACLES, RULES, TARGETS, measure_checkpoints
+from tokenmix.analysis.records import cached_measurement
 from tokenmix.report.figures import _finish, save_figure, write_if_changed
 from tokenmix.report.tables import markdown_table
-from tokenmix.train.runs import Run, list_runs
+from tokenmix.train.runs import CHECKPOINT, Run, epoch_checkpoint_name, list_runs
 
 #: colours of the rules (CutMix green and TokenMix red as in the other report figures)
 RULE_COLOURS: dict[str, str] = {
-    "CutMix (area)": "tab:green", "TransMix (official)": "tab:blue", "TransMix (paper)": "tab:cyan",
-    "TL-Align": "tab:purple", "TokenMix (teacher)": "tab:red", "SMMix (area)": "tab:orange",
-    "TokenMixup (HTM saliency)": "tab:brown",
+    "area": "tab:green", "TransMix (official)": "tab:blue", "TransMix (paper)": "tab:cyan",
+    "TL-Align": "tab:purple", "TokenMix (teacher)": "tab:red", "TokenMixup (saliency)": "tab:brown",
 }
 #: files written by :func:`write_label_fidelity`
 FIDELITY_OUTPUTS: tuple[str, ...] = ("label_fidelity.csv", "label_fidelity.md", "label_fidelity.png",
-                                     "label_fidelity.svg")
-FIDELITY_STEM = "label_fidelity"
+                                     "label_fidelity.svg", "label_fidelity_training.png", "label_fidelity_training.svg")
+#: the measurement's parameters (the record is recomputed when they change)
+FIDELITY_PARAMS: dict[str, int] = {"n_batches": 16, "batch_size": 32, "seed": 0}
 
 
 def _colour(rule: str, i: int) -> str:
     return RULE_COLOURS.get(rule, f"C{i % 10}")
 
 
-def plot_fidelity(data: pd.DataFrame, table: pd.DataFrame | None = None, title: str | None = None,
-                  save: str | Path | None = None) -> Figure:
-    """The label-fidelity figure.
+def find_fidelity_run(runs_dir: str | Path, dataset: str = "fashion_mnist", model: str = "vit_cpu",
+                      prefer: Sequence[str] = ("cutmix",)) -> Run | None:
+    """The complete run of ``model`` on ``dataset`` to measure: among the runs of the first method
+    in ``prefer`` that has one (else of any method), those that kept epoch checkpoints
+    (``checkpoint_every``) first, then by run id; None if there is none. Its checkpoints need not
+    be on disk (the stored record is used then)."""
+    runs = [r for r in list_runs(runs_dir) if r.complete and r.config.get("dataset") == dataset
+            and r.config.get("model") == model]
+    for method in list(prefer) + [None]:
+        sel = [r for r in runs if method is None or r.config.get("method") == method]
+        if sel:
+            return sorted(sel, key=lambda r: (not r.config.get("checkpoint_every"), r.run_id))[0]
+    return None
+
+
+def checkpoint_files(run: Run) -> list[Path]:
+    """The checkpoint files a run's record says it wrote (kept epochs, then the final one)."""
+    every, epochs = int(run.config.get("checkpoint_every") or 0), int(run.config.get("epochs", 0))
+    kept = [run.path / epoch_checkpoint_name(e) for e in range(every, epochs + 1, every)] if every else []
+    return kept + [run.path / CHECKPOINT]
+
+
+def fidelity_records(runs_dir: str | Path, data_dir: str | Path = "data", dataset: str = "fashion_mnist",
+                     model: str = "vit_cpu", **params: int) -> tuple[Run, pd.DataFrame] | None:
+    """(run, table over its checkpoints) for :func:`find_fidelity_run`, measured when its
+    checkpoints are present and the record is missing or stale, else read from the record;
+    None when there is no run or neither checkpoints nor a record."""
+    run = find_fidelity_run(runs_dir, dataset, model)
+    if run is None:
+        return None
+    params = {**FIDELITY_PARAMS, **params}
+    df = cached_measurement(runs_dir, "label_fidelity", checkpoint_files(run), {**params, "run": run.run_id},
+                            lambda: measure_checkpoints(run.path, data_dir, **params))
+    return None if df is None else (run, df)
+
+
+def _final(df: pd.DataFrame) -> pd.DataFrame:
+    return df[df["epoch"] == df["epoch"].max()].drop(columns=["epoch", "top1"]).reset_index(drop=True)
+
+
+def plot_fidelity(table: pd.DataFrame, title: str | None = None, save: str | Path | None = None) -> Figure:
+    """One row per mask: each rule's mean absolute error (left) and Pearson correlation (right)
+    against both oracles (solid bars: own-share oracle, hatched: mass oracle).
 
     Args:
-        data: the per-sample shares (:func:`tokenmix.analysis.fidelity.fidelity_samples`: columns rule,
-            predicted, oracle, area), or just the summary table
-            (:func:`tokenmix.analysis.fidelity.summarize`; then only the bar chart is drawn).
-        table: the summary (default: computed from ``data``; rules without samples are shown as
-            skipped).
-        title, save: figure title; path stem for PNG + SVG.
-    Returns:
-        The Figure: the bar chart, plus one scatter per rule when ``data`` holds samples.
+        table: :func:`tokenmix.analysis.fidelity.summarize` (one checkpoint; with an ``epoch``
+            column, the last epoch is drawn).
     """
-    has_samples = {"predicted", "oracle"} <= set(data.columns)
-    if table is None:
-        table = summarize(data) if has_samples else data
+    if "epoch" in table:
+        table = _final(table)
     if not len(table):
         raise ValueError("nothing to plot: an empty fidelity table")
-    rules = list(table["rule"])
-    n_sc = len(rules) if has_samples else 0
-    ncols = min(4, max(n_sc, 1))
-    nrows = math.ceil(n_sc / ncols) if n_sc else 1
-    fig = plt.figure(figsize=(4.6 + (2.45 * ncols if n_sc else 0), max(3.6, 2.5 * nrows + 0.6)))
-    gs = fig.add_gridspec(nrows, 1 + (ncols if n_sc else 0), width_ratios=[1.9] + [1] * (ncols if n_sc else 0),
-                          wspace=0.35, hspace=0.55)
-    ax = fig.add_subplot(gs[:, 0])
-    y = np.arange(len(rules))
-    mae = table["MAE"].to_numpy(dtype=float)
-    area = table["area MAE"].to_numpy(dtype=float) if "area MAE" in table else np.full(len(rules), np.nan)
-    ax.barh(y, np.nan_to_num(mae), color=[_colour(r, i) for i, r in enumerate(rules)], alpha=0.85)
-    ok = ~np.isnan(area)
-    ax.scatter(area[ok], y[ok], marker="|", s=260, color="black", lw=2, zorder=3,
-               label="area share on the same mixes")
-    for i, v in enumerate(mae):
-        right = np.nanmax([v, area[i], 0.0]) if not (np.isnan(v) and np.isnan(area[i])) else 0.0
-        ax.text(0.002 if np.isnan(v) else right + 0.004, i, "skipped" if np.isnan(v) else f"{v:.3f}", va="center",
-                ha="left", fontsize=7, color="0.4" if np.isnan(v) else "black")
-    ax.set_yticks(y, [f"{r}\n(n = {int(n)})" for r, n in zip(rules, table["n"])], fontsize=7)
-    ax.invert_yaxis()
-    finite = np.concatenate([mae[~np.isnan(mae)], area[ok]])
-    ax.set_xlim(0, (float(finite.max()) if finite.size else 0.1) * 1.45 + 1e-3)
-    ax.set_xlabel("mean absolute error vs oracle partner share", fontsize=8)
-    ax.tick_params(axis="x", labelsize=7)
-    ax.grid(axis="x", alpha=0.3)
-    if ok.any():
-        ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.09), frameon=False)
-    ax.set_title("error of each label rule", fontsize=9)
-    for i, rule in enumerate(rules if has_samples else []):
-        sax = fig.add_subplot(gs[i // ncols, 1 + i % ncols])
-        d = data[data["rule"] == rule]
-        sax.plot([0, 1], [0, 1], color="0.6", lw=0.8, ls="--")
-        if len(d):
-            sax.scatter(d["oracle"], d["predicted"], s=5, alpha=0.45, color=_colour(rule, i), lw=0)
-            row = table[table["rule"] == rule].iloc[0]
-            r = row["pearson"]
-            sax.text(0.03, 0.97, f"MAE {row['MAE']:.3f}\nr = " + ("—" if pd.isna(r) else f"{r:.2f}"),
-                     transform=sax.transAxes, va="top", ha="left", fontsize=6.5)
-        else:
-            sax.text(0.5, 0.5, "skipped", transform=sax.transAxes, ha="center", va="center", fontsize=8, color="0.4")
-        sax.set(xlim=(-0.02, 1.02), ylim=(-0.02, 1.02), aspect="equal")
-        sax.set_title(rule, fontsize=7.5)
-        sax.tick_params(labelsize=6)
-        if i % ncols == 0:
-            sax.set_ylabel("predicted partner share", fontsize=7)
-        if i // ncols == nrows - 1 or i + ncols >= n_sc:
-            sax.set_xlabel("oracle partner share", fontsize=7)
-    fig.suptitle(title or "label fidelity: partner share of each label rule vs the visible foreground mass",
-                 fontsize=10)
+    masks = [m for m in MASKS if m in set(table["mask"])]
+    fig, axes = plt.subplots(len(masks), 2, figsize=(10, 2.4 * len(masks) + 0.8), squeeze=False)
+    for row, mask in enumerate(masks):
+        t = table[table["mask"] == mask]
+        rules = list(t["rule"])
+        y = np.arange(len(rules))
+        for col, metric in enumerate(("MAE", "pearson")):
+            ax = axes[row, col]
+            for k, oracle in enumerate(reversed(ORACLES)):  # own share on top
+                v = t[f"{metric} ({oracle})"].to_numpy(dtype=float)
+                ax.barh(y + (0.2 if k == 0 else -0.2), np.nan_to_num(v), height=0.38,
+                        color=[_colour(r, i) for i, r in enumerate(rules)], alpha=0.9 if k else 0.55,
+                        hatch="" if k else "///", edgecolor="white" if k else "0.3", lw=0.3,
+                        label=f"{oracle} oracle")
+                for yi, vi in zip(y, v):
+                    ax.text(0 if np.isnan(vi) else vi, yi + (0.2 if k == 0 else -0.2),
+                            " n/a" if np.isnan(vi) else f" {vi:.3f}", va="center", fontsize=6)
+            ax.set_yticks(y, rules if col == 0 else [""] * len(rules), fontsize=7)
+            ax.invert_yaxis()
+            ax.grid(axis="x", alpha=0.3)
+            ax.tick_params(axis="x", labelsize=7)
+            if metric == "pearson":
+                ax.axvline(0, color="0.4", lw=0.6)
+            ax.set_title(f"{mask}: {'mean absolute error' if metric == 'MAE' else 'Pearson r'} of the partner share",
+                         fontsize=8)
+    axes[0, 0].legend(fontsize=7, loc="lower right")
+    fig.suptitle(title or "label fidelity: each rule's partner share against two pixel oracles", fontsize=10)
+    fig.tight_layout()
+    return _finish(fig, save)
+
+
+def plot_fidelity_training(df: pd.DataFrame, mask: str = "CutMix box", title: str | None = None,
+                           save: str | Path | None = None) -> Figure:
+    """Each rule's MAE and Pearson r on ``mask`` (rows: own-share and mass oracle) against the
+    epoch of the checkpoint, with the checkpoint's test top-1 on the right axis of the first panel."""
+    d = df[df["mask"] == mask]
+    if d.empty:
+        raise ValueError(f"no rows of mask {mask!r}; masks: {sorted(set(df['mask']))}")
+    fig, axes = plt.subplots(2, 2, figsize=(10, 6.2), sharex=True)
+    for r, oracle in enumerate(("own share", "mass")):
+        for c, metric in enumerate(("MAE", "pearson")):
+            ax = axes[r, c]
+            for i, rule in enumerate(RULES):
+                e = d[d["rule"] == rule].sort_values("epoch")
+                if len(e) and e[f"{metric} ({oracle})"].notna().any():
+                    ax.plot(e["epoch"], e[f"{metric} ({oracle})"], marker="o", ms=3, lw=1.4 if rule != "area" else 2.2,
+                            color=_colour(rule, i), ls="--" if rule == "area" else "-", label=rule)
+            ax.set_title(f"{metric} vs the {oracle} oracle", fontsize=9)
+            ax.grid(alpha=0.3)
+            ax.tick_params(labelsize=7)
+            if r == 1:
+                ax.set_xlabel("epoch of the checkpoint", fontsize=8)
+    acc = d.drop_duplicates("epoch").sort_values("epoch")
+    twin = axes[0, 0].twinx()
+    twin.plot(acc["epoch"], acc["top1"], color="0.5", lw=0.8, ls=":", label="test top-1 (right)")
+    twin.set_ylabel("test top-1 (%)", fontsize=7, color="0.4")
+    twin.tick_params(labelsize=6, colors="0.4")
+    handles, labels = axes[0, 1].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=len(labels), fontsize=7, frameon=False)
+    fig.suptitle(title or f"label fidelity over training ({mask}): does attention become a better label?", fontsize=10)
+    fig.tight_layout(rect=(0, 0.05, 1, 0.97))
     return _finish(fig, save)
 
 
 def fidelity_markdown(table: pd.DataFrame, heading: str | None = None) -> str:
-    """The table as GitHub markdown (3 decimals, NaN as —), under an optional heading paragraph."""
-    text = markdown_table(table, floatfmt=".3f", right=[c for c in ("n", "MAE", "RMSE", "pearson", "mean predicted",
-                                                                     "mean oracle", "area MAE") if c in table])
+    """The table as GitHub markdown (3 decimals, NaN as —) with each rule's target, under an
+    optional heading paragraph."""
+    t = table.copy()
+    t.insert(2, "estimates", [TARGETS.get(r, "") for r in t["rule"]])
+    num = [c for c in t.columns if c.startswith(("MAE", "pearson", "mean")) or c == "n"]
+    if "note" in t:
+        t["note"] = ["" if pd.isna(v) else str(v) for v in t["note"]]
+    text = markdown_table(t.drop(columns=[c for c in ("note",) if c in t and not any(t[c])]),
+                          floatfmt=".3f", right=num)
     return (heading.rstrip() + "\n\n" + text) if heading else text
 
 
-def find_fidelity_run(runs_dir: str | Path, dataset: str = "fashion_mnist", model: str = "vit_cpu",
-                      prefer: Sequence[str] = ("cutmix",)) -> Run | None:
-    """The complete run (with a checkpoint) of ``model`` on ``dataset`` to measure: the first by
-    run id of the first method in ``prefer`` that has one, else the first such run of any method;
-    None if there is none."""
-    runs = [r for r in list_runs(runs_dir) if r.has_checkpoint and r.config.get("dataset") == dataset
-            and r.config.get("model") == model]
-    for method in prefer:
-        sel = [r for r in runs if r.config.get("method") == method]
-        if sel:
-            return sel[0]
-    return runs[0] if runs else None
-
-
 def write_label_fidelity(runs_dir: str | Path, figures_dir: str | Path, data_dir: str | Path = "data",
-                         n_batches: int = 16, batch_size: int = 32, seed: int = 0, dataset: str = "fashion_mnist",
-                         model: str = "vit_cpu") -> list[Path]:
-    """``label_fidelity.{csv,md,png,svg}`` in ``figures_dir`` for the checkpoint of
-    :func:`find_fidelity_run` (CutMix preferred) on a fixed subset of ``n_batches * batch_size``
-    test images (:func:`tokenmix.analysis.fidelity.measure_run`). Without a teacher cache (test split)
-    under ``data_dir`` the TokenMix row is marked skipped. Same inputs -> same bytes.
-
-    Returns:
-        The paths written, or [] (writing nothing) when there is no suitable run.
-    """
-    run = find_fidelity_run(runs_dir, dataset, model)
-    if run is None:
+                         dataset: str = "fashion_mnist", model: str = "vit_cpu", **params: int) -> list[Path]:
+    """:data:`FIDELITY_OUTPUTS` in ``figures_dir`` from :func:`fidelity_records` (the final
+    checkpoint's table in the CSV/markdown/bar figure, every checkpoint in the training figure).
+    Same records -> same bytes. Returns the paths written, or [] when there is nothing to draw."""
+    found = fidelity_records(runs_dir, data_dir, dataset, model, **params)
+    if found is None:
         return []
-    table, samples = measure_run(run.path, data_dir, n_batches, batch_size, seed)
+    run, df = found
     out = Path(figures_dir)
-    n_img = n_batches * batch_size
-    desc = (f"checkpoint `{run.run_id}` ({run.config.get('method')}, {model}), {n_img} {dataset} test images in "
-            f"{n_batches} batches of {batch_size}, seed {seed}")
-    fig = plot_fidelity(samples, table, title=f"label fidelity of {run.run_id}: partner share of each rule vs the "
-                                              f"visible foreground mass ({n_img} test images)")
-    try:
-        paths = save_figure(fig, out / FIDELITY_STEM)
-    finally:
-        plt.close(fig)
-    csv = table.to_csv(index=False, float_format="%.4f", lineterminator="\n")
-    write_if_changed(out / "label_fidelity.csv", csv.encode())
-    md = fidelity_markdown(table, f"Label fidelity: {desc}. Errors are in partner-share units against the "
-                                  "foreground-mass oracle (see `tokenmix/analysis/fidelity.py`); `area MAE` is the area "
-                                  "share's error on the same mixes.")
+    final = _final(df)
+    p = {**FIDELITY_PARAMS, **params}
+    n_img = p["n_batches"] * p["batch_size"]
+    epochs = sorted(int(e) for e in set(df["epoch"]))
+    desc = (f"checkpoint `{run.run_id}` ({run.config.get('method')}, {model}, epoch {epochs[-1]}, test top-1 "
+            f"{df[df['epoch'] == epochs[-1]]['top1'].iloc[0]:.2f} %), {n_img} {dataset} test images in "
+            f"{p['n_batches']} batches of {p['batch_size']}, seed {p['seed']}")
+    paths = []
+    for stem, draw in (("label_fidelity", lambda: plot_fidelity(final, title=f"label fidelity of {run.run_id} "
+                                                                f"(epoch {epochs[-1]}, {n_img} test images)")),
+                       ("label_fidelity_training", lambda: plot_fidelity_training(
+                           df, title=f"label fidelity over the training of {run.run_id} (CutMix boxes; epochs "
+                                     f"{', '.join(map(str, epochs))})"))):
+        fig = draw()
+        try:
+            paths += save_figure(fig, out / stem)
+        finally:
+            plt.close(fig)
+    write_if_changed(out / "label_fidelity.csv",
+                     final.to_csv(index=False, float_format="%.4f", lineterminator="\n").encode())
+    md = fidelity_markdown(final, f"Label fidelity: {desc}. Every rule is scored on the same mixes of each mask; "
+                                  "errors are in partner-share units against the own-share oracle (each source's "
+                                  "surviving share of its own foreground, what the attention and teacher rules "
+                                  "estimate) and the mass oracle (the share of the visible foreground mass); the "
+                                  "`area` row of each mask is the baseline (see `tokenmix/analysis/fidelity.py`).")
     write_if_changed(out / "label_fidelity.md", md.encode())
     return [out / "label_fidelity.csv", out / "label_fidelity.md"] + paths
 
 
-__all__ = ["FIDELITY_OUTPUTS", "RULE_COLOURS", "TABLE_COLUMNS", "RULES", "fidelity_markdown", "find_fidelity_run",
-           "plot_fidelity", "write_label_fidelity"]
+__all__ = ["FIDELITY_OUTPUTS", "FIDELITY_PARAMS", "RULE_COLOURS", "checkpoint_files", "fidelity_markdown",
+           "fidelity_records", "find_fidelity_run", "plot_fidelity", "plot_fidelity_training", "write_label_fidelity"]

@@ -41,6 +41,14 @@ def _aug(cfg: dict) -> str:
     return "+".join(parts) if parts else "no aug"
 
 
+#: the baselines first, then the other methods alphabetically
+_FIRST: tuple[str, ...] = (BASELINE, "mixup", "cutmix", "mixup_cutmix")
+
+
+def _method_rank(label: str) -> tuple[int, str]:
+    return (_FIRST.index(label), "") if label in _FIRST else (len(_FIRST), label)
+
+
 def regime_of(run: Run) -> str:
     """A run's protocol as a short name: training images x epochs, augmentation, model."""
     cfg = run.config
@@ -76,8 +84,7 @@ def regime_table(runs: Sequence[Run]) -> pd.DataFrame:
     df["gap"] = df["train_top1"] - df["top1"]
     base = df[df.method == BASELINE].set_index("regime")["top1"]
     df["vs_none"] = [row.top1 - base.get(row.regime, math.nan) for row in df.itertuples()]
-    order = {m: i for i, m in enumerate(methods.available())}
-    return (df.assign(_m=df.method.map(lambda m: order.get(m.split("[")[0].split("{")[0], 99)))
+    return (df.assign(_m=df.method.map(_method_rank))
               .sort_values(["model", "augmentation", "train_images", "epochs", "_m"]).drop(columns="_m")
               .reset_index(drop=True))
 
@@ -88,6 +95,7 @@ def regime_summary(table: pd.DataFrame) -> pd.DataFrame:
     if table.empty:
         return pd.DataFrame()
     wide = table.pivot_table(index="regime", columns="method", values="top1", sort=False)
+    wide = wide[sorted(wide.columns, key=_method_rank)]
     meta = table.drop_duplicates("regime").set_index("regime")[["model", "train_images", "epochs", "augmentation"]]
     gap = table[table.method == BASELINE].set_index("regime")["gap"].rename("gap of none")
     out = meta.join(wide).join(gap)
@@ -109,6 +117,7 @@ def plot_regimes(runs: Sequence[Run], ncols: int = 4, title: str | None = None) 
             by_regime.setdefault(regime_of(run), []).append(run)
     table = regime_table(runs)
     names = list(dict.fromkeys(table["regime"])) if not table.empty else []
+    ncols = max(1, min(ncols, len(names)))
     nrows = max(1, math.ceil(len(names) / ncols))
     fig, axes = plt.subplots(nrows, ncols, figsize=(3.4 * ncols, 2.7 * nrows), squeeze=False, sharey=True)
     for ax in axes.flat[len(names):]:

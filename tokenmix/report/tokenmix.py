@@ -31,6 +31,7 @@ from torch import Tensor
 
 from tokenmix import methods
 from tokenmix.analysis.probes import OCCLUSION_RATIOS, black_level, occlusion_accuracy
+from tokenmix.analysis.records import cached_measurement
 from tokenmix.data import dataset_info, load_split
 from tokenmix.methods.base import MixedBatch, TokenGrid
 from tokenmix.methods.tokenmix import TokenMix, official_token_count, paper_token_count
@@ -39,7 +40,7 @@ from tokenmix.report.figures import (ArrayLike, _class_name, _draw_token_grid, _
 from tokenmix.report.tables import method_label
 from tokenmix.report.transmix import OWN_COLOUR, PARTNER_COLOUR, _draw_box
 from tokenmix.train.engine import load_model
-from tokenmix.train.runs import Run, list_runs
+from tokenmix.train.runs import CHECKPOINT, Run, list_runs
 
 #: line colours of the methods (the paper's Figures 4-6: TokenMix red, CutMix green)
 #: the official 14x14 grid (224 px, patch 16) and the CPU preset's 7x7 grid (28 px, patch 4)
@@ -456,10 +457,10 @@ def occlusion_table(curves: Mapping[str, Mapping[float, float]]) -> pd.DataFrame
 
 def find_occlusion_runs(runs_dir: str | Path, dataset: str = "fashion_mnist",
                         methods: Sequence[str] = OCCLUSION_METHODS) -> list[Run]:
-    """The complete runs (with a checkpoint) of ``methods`` on ``dataset`` for one model and image
-    size that have a complete run of every one of ``methods`` (the first such pair by name); []
-    if none."""
-    runs = [r for r in list_runs(runs_dir) if r.has_checkpoint and r.config.get("dataset") == dataset
+    """The complete runs of ``methods`` on ``dataset`` for one model and image size that have a
+    complete run of every one of ``methods`` (the first such set by name); [] if none. Their
+    checkpoints need not be on disk (the stored measurement is used then)."""
+    runs = [r for r in list_runs(runs_dir) if r.complete and r.config.get("dataset") == dataset
             and r.config.get("method") in methods]
     key = lambda r: (str(r.config.get("model")), int(r.config.get("img_size", 0)))  # noqa: E731
     for k in sorted({key(r) for r in runs}):
@@ -485,27 +486,36 @@ def write_tokenmix_occlusion(runs_dir: str | Path, figures_dir: str | Path, n_im
     if not runs:
         return []
     first = runs[0].config
-    images, labels, info = occlusion_test_set(dataset, int(first.get("img_size", 28)), n_images,
-                                              first.get("data_dir", "data"))
-    fill = black_level(info)
-    per_run = occlusion_curves({r.run_id: r.path for r in runs}, images, labels, ratios, fill, seed, batch_size)
+
+    def measure() -> pd.DataFrame:
+        images, labels, info = occlusion_test_set(dataset, int(first.get("img_size", 28)), n_images,
+                                                  first.get("data_dir", "data"))
+        per_run = occlusion_curves({r.run_id: r.path for r in runs}, images, labels, ratios, black_level(info), seed,
+                                   batch_size)
+        return pd.DataFrame([{"run_id": r.run_id, "method": r.config.get("method"), "label": method_label(r),
+                              "model": r.config.get("model"), "seed": r.config.get("seed"), "n_images": len(images),
+                              **{f"drop_{q:.1f}": per_run[r.run_id][float(q)] for q in ratios}} for r in runs])
+
+    df = cached_measurement(runs_dir, "tokenmix_occlusion", [r.path / CHECKPOINT for r in runs],
+                            {"n_images": n_images, "ratios": list(map(float, ratios)), "seed": seed}, measure,
+                            float_format="%.2f")
+    if df is None:
+        return []
     groups: dict[str, list[dict[float, float]]] = {}
-    for r in sorted(runs, key=lambda r: (OCCLUSION_METHODS.index(r.config["method"]), r.run_id)):
-        groups.setdefault(method_label(r), []).append(per_run[r.run_id])
+    order = df.assign(_m=df["method"].map(OCCLUSION_METHODS.index)).sort_values(["_m", "run_id"])
+    for _, row in order.iterrows():
+        groups.setdefault(str(row["label"]), []).append({float(q): float(row[f"drop_{q:.1f}"]) for q in ratios})
     curves = {(k if len(v) == 1 else f"{k} (mean of {len(v)} runs)"): {q: float(np.mean([c[q] for c in v]))
                                                                        for q in v[0]} for k, v in groups.items()}
     out = Path(figures_dir)
-    fig = plot_occlusion(curves, title=f"occlusion robustness ({first.get('model')}, {len(images)} "
+    fig = plot_occlusion(curves, title=f"occlusion robustness ({first.get('model')}, {int(df['n_images'].iloc[0])} "
                                        f"{first.get('dataset')} test images): random patches set to black")
     try:
         paths = save_figure(fig, out / "tokenmix_occlusion")
     finally:
         plt.close(fig)
-    rows = [{"run_id": r.run_id, "method": r.config.get("method"), "variant": r.config.get("variant"),
-             "model": r.config.get("model"), "seed": r.config.get("seed"), "n_images": len(images),
-             **{f"drop_{q:.1f}": per_run[r.run_id][float(q)] for q in ratios}} for r in runs]
-    csv = pd.DataFrame(rows).to_csv(index=False, float_format="%.2f", lineterminator="\n")
-    write_if_changed(out / "tokenmix_occlusion.csv", csv.encode())
+    write_if_changed(out / "tokenmix_occlusion.csv", df.to_csv(index=False, float_format="%.2f",
+                                                               lineterminator="\n").encode())
     return paths + [out / "tokenmix_occlusion.csv"]
 
 

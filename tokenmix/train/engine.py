@@ -44,7 +44,7 @@ from tokenmix.train.runs import (CHECKPOINT, CONFIG, METRICS, SUMMARY, RunExists
 
 EpochCallback = Callable[[int, dict[str, Any]], None]
 #: config fields that may differ when resuming (they do not change the result)
-RESUME_FREE = ("resume", "progress", "num_workers", "threads", "device", "data_dir", "download", "epochs")
+RESUME_FREE = ("resume", "progress", "num_workers", "threads", "device", "data_dir", "download", "epochs", "out_dir")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -491,12 +491,14 @@ def _summary(cfg: RunConfig, history: list[dict[str, Any]], model: nn.Module, de
     }
 
 
-def load_model(run_dir: str | Path, map_location: str | torch.device = "cpu") -> tuple[nn.Module, RunConfig]:
-    """Rebuild a run's model from its record and load the checkpoint weights (eval mode)."""
+def load_model(run_dir: str | Path, map_location: str | torch.device = "cpu",
+               checkpoint: str | Path | None = None) -> tuple[nn.Module, RunConfig]:
+    """Rebuild a run's model from its record and load the checkpoint weights (eval mode):
+    the final ``checkpoint.pt``, or ``checkpoint`` (e.g. a kept epoch's, ``Run.epoch_checkpoints()``)."""
     run = load_run(run_dir)
     cfg = RunConfig.from_dict(run.config)
     info = dataset_info(cfg.dataset)
-    ckpt = torch.load(Path(run_dir) / CHECKPOINT, map_location=map_location, weights_only=False)
+    ckpt = torch.load(checkpoint or Path(run_dir) / CHECKPOINT, map_location=map_location, weights_only=False)
     num_classes = int(ckpt.get("num_classes", info.num_classes))
     model = create_model(cfg.model, num_classes, cfg.img_size, info.in_chans, patch_size=cfg.patch_size or None)
     model = build_method(cfg, num_classes).prepare_model(model)

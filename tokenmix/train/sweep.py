@@ -25,6 +25,7 @@ Grid file::
     methods:                         # one entry per method configuration
       - {method: cutmix}
       - {method: tokenmixup, method_kwargs: {tokenmixup_mode: vtm}, label: tokenmixup_vtm}
+      - {method: mixup_cutmix, extended: true}   # left out by --core (`make run`; `make study-full` runs all)
 
 The run id of a cell is ``<dataset>-<model>-<label>-s<seed>`` (``label`` defaults to the method),
 ``<dataset>-<model>-<regime>-<label>-s<seed>`` when the grid has ``regimes``. ``--jobs N`` runs N
@@ -98,8 +99,9 @@ class CellResult:
     error: str = ""
 
 
-def load_grid(path: str | Path, out_dir: str | None = None) -> Grid:
-    """Parse and validate a grid file (see the module docstring).
+def load_grid(path: str | Path, out_dir: str | None = None, extended: bool = True) -> Grid:
+    """Parse and validate a grid file (see the module docstring); ``extended=False`` leaves out the
+    method entries marked ``extended: true``.
 
     Raises:
         ConfigError: unknown top-level keys, a bad cell (naming the cell and the valid choices),
@@ -131,6 +133,8 @@ def load_grid(path: str | Path, out_dir: str | None = None) -> Grid:
     seen: dict[str, str] = {}
     for regime, (i, entry) in itertools.product(regimes, enumerate(spec["methods"])):
         entry, regime = dict(entry), dict(regime)
+        if entry.pop("extended", False) and not extended:
+            continue
         label = str(entry.pop("label", entry.get("method", base.get("method", "cutmix"))))
         regime_name = regime.pop("name", "")
         for combo in itertools.product(*axes.values()):
@@ -316,11 +320,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--out_dir", default=None, help="override the grid's output folder")
     p.add_argument("--only", default="", help="run only cells whose run id contains this text")
     p.add_argument("--jobs", type=int, default=1, help="cells run at the same time (papermill/torchrun)")
+    p.add_argument("--core", action="store_true", help="leave out the method entries marked `extended: true`")
     p.add_argument("--dry-run", action="store_true", help="validate and list the cells, run nothing")
     p.add_argument("--smoke", action="store_true", help="one tiny step of each cell on generated data")
     args = p.parse_args(None if argv is None else list(argv))
     try:
-        grid = load_grid(args.grid, args.out_dir)
+        grid = load_grid(args.grid, args.out_dir, extended=not args.core)
     except (ConfigError, OSError, yaml.YAMLError) as e:
         print(f"tokenmix sweep: error: {e}", file=sys.stderr)
         return 2

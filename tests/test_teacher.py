@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -118,6 +119,29 @@ def test_align_follows_the_real_crop_and_flip():
             boxes |= {tuple(b) for b in meta["box"].tolist()}
     assert flips == {False, True} and len(boxes) > 10
     assert any(b[0] < 0 or b[1] < 0 for b in boxes) and any(b[2] > 1 or b[3] > 1 for b in boxes)
+
+
+FMNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
+
+
+@pytest.mark.skipif(not FMNIST_DIR.is_dir(), reason="Debian dataset-fashion-mnist not installed")
+def test_align_follows_the_crop_and_flip_of_real_fashion_mnist_images():
+    """On real training images with the study's crop (padding 3) and flip: a map that *is* the
+    source image (pixel resolution), aligned with each sample's recorded (box, flip), equals the
+    augmented image sum-pooled on the 7x7 token grid -- the teacher maps land where the pixels do."""
+    x, y, idx = load_split("fashion_mnist", 28, True, str(FMNIST_DIR), False, subset=64)
+    tf = TensorTransform(True, (0.0,), (1 / 255,), crop_padding=3, hflip=True)
+    ds = InMemoryImages(x, y, tf, source_index=idx, with_meta=True)
+    pos = {int(i): k for k, i in enumerate(idx)}
+    torch.manual_seed(1)
+    flips = set()
+    for img, _, meta in DataLoader(ds, batch_size=32, shuffle=True):
+        src = x[[pos[int(i)] for i in meta["index"]], 0].double()  # (B, 28, 28) the source pixels
+        aligned = align_maps(src, meta["box"].double(), meta["flip"], 7, 7)
+        pooled = img[:, 0].double().reshape(-1, 7, 4, 7, 4).sum((2, 4))  # cell masses up to 16 * 255
+        torch.testing.assert_close(aligned, pooled, rtol=1e-5, atol=1e-2)
+        flips |= set(meta["flip"].tolist())
+    assert flips == {False, True}
 
 
 # ---------------------------------------------------------------------------------------------

@@ -149,9 +149,9 @@ def plot_fidelity_training(df: pd.DataFrame, mask: str = "CutMix box", title: st
             ax.tick_params(labelsize=7)
             if r == 1:
                 ax.set_xlabel("epoch of the checkpoint", fontsize=8)
-    acc = d.drop_duplicates("epoch").sort_values("epoch")
+    acc = d.drop_duplicates("epoch").sort_values("epoch").dropna(subset=["top1"])  # evaluated epochs only
     twin = axes[0, 0].twinx()
-    twin.plot(acc["epoch"], acc["top1"], color="0.5", lw=0.8, ls=":", label="test top-1 (right)")
+    twin.plot(acc["epoch"], acc["top1"], color="0.5", lw=0.8, ls=":", marker="s", ms=3, label="test top-1 (right)")
     twin.set_ylabel("test top-1 (%)", fontsize=7, color="0.4")
     twin.tick_params(labelsize=6, colors="0.4")
     handles, labels = axes[0, 1].get_legend_handles_labels()

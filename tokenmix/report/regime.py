@@ -84,8 +84,8 @@ def regime_table(runs: Sequence[Run]) -> pd.DataFrame:
     df["gap"] = df["train_top1"] - df["top1"]
     base = df[df.method == BASELINE].set_index("regime")["top1"]
     df["vs_none"] = [row.top1 - base.get(row.regime, math.nan) for row in df.itertuples()]
-    return (df.assign(_m=df.method.map(_method_rank))
-              .sort_values(["model", "augmentation", "train_images", "epochs", "_m"]).drop(columns="_m")
+    return (df.assign(_m=df.method.map(_method_rank), _a=df.augmentation != "no aug")  # no augmentation first
+              .sort_values(["model", "_a", "augmentation", "train_images", "epochs", "_m"]).drop(columns=["_m", "_a"])
               .reset_index(drop=True))
 
 
@@ -108,7 +108,7 @@ def regime_summary(table: pd.DataFrame) -> pd.DataFrame:
     return out.reset_index()
 
 
-def plot_regimes(runs: Sequence[Run], ncols: int = 4, title: str | None = None) -> Figure:
+def plot_regimes(runs: Sequence[Run], ncols: int = 3, title: str | None = None) -> Figure:
     """Test top-1 (solid) and clean train top-1 (dashed) over epochs, one panel per regime and one
     colour per method (each method class's ``colour``)."""
     by_regime: dict[str, list[Run]] = {}

@@ -18,11 +18,9 @@ import argparse
 from collections.abc import Sequence
 from pathlib import Path
 
-import matplotlib.pyplot as plt
-
 from tokenmix.report.fidelity import write_label_fidelity
-from tokenmix.report.figures import (find_root, plot_curves, save_figure, show_attention, show_images, show_mixed_batch,
-                                     write_if_changed)
+from tokenmix.report.figures import (find_root, plot_curves, save_and_close, show_attention, show_images,
+                                     show_mixed_batch, write_csv, write_if_changed)
 from tokenmix.report.regime import write_regime_report
 from tokenmix.report.study import MAIN_TABLES, paper_table_markdown, write_study_figures
 from tokenmix.report.tables import (markdown_table, mixed_targets_table, paired_table, results_display,
@@ -33,7 +31,6 @@ from tokenmix.train.runs import list_runs
 #: files written by :func:`main` into the figures folder
 OUTPUTS: tuple[str, ...] = ("training_curves.png", "training_curves.svg", "results.md", "results.csv", "paired.csv")
 
-
 def write_report(runs_dir: str | Path, figures_dir: str | Path) -> list[Path]:
     """Write the report files for the complete runs under ``runs_dir``; returns the paths
     (empty, writing nothing, when there is no complete run). Same records -> same bytes."""
@@ -42,20 +39,14 @@ def write_report(runs_dir: str | Path, figures_dir: str | Path) -> list[Path]:
     if not runs:
         return []
     out = Path(figures_dir)
-    fig = plot_curves(runs)
-    try:
-        paths = save_figure(fig, out / "training_curves")
-    finally:
-        plt.close(fig)
+    paths = save_and_close(plot_curves(runs), out / "training_curves")
     df, paired = results_table(runs), paired_table(runs)
-    write_if_changed(out / "results.csv", df.to_csv(index=False, float_format="%.4f", lineterminator="\n").encode())
-    write_if_changed(out / "paired.csv", paired.to_csv(index=False, float_format="%.4f", lineterminator="\n").encode())
+    write_csv(out / "results.csv", df)
+    write_csv(out / "paired.csv", paired)
     write_if_changed(out / "results.md", results_markdown(df, paired).encode())
     return paths + [out / "results.md", out / "results.csv", out / "paired.csv"]
 
-
 README_START, README_END = "<!-- results:start -->", "<!-- results:end -->"
-
 
 def update_readme(readme: str | Path, markdown: str, block: str = "results") -> bool:
     """Replace the text between the ``<!-- {block}:start -->`` / ``<!-- {block}:end -->`` markers
@@ -73,7 +64,6 @@ def update_readme(readme: str | Path, markdown: str, block: str = "results") -> 
     new = text[:i + len(start)] + "\n" + markdown.strip() + "\n" + text[j:]
     return write_if_changed(path, new.encode())
 
-
 def provenance(runs_dir: str | Path) -> str:
     """One line naming when and where the complete runs under ``runs_dir`` were made (from their
     records, so it changes only when the runs do)."""
@@ -86,15 +76,12 @@ def provenance(runs_dir: str | Path) -> str:
                     f"torch {s.get('torch', '?')}, timm {s.get('timm', '?')}" for s in sums})
     return f"{len(sums)} runs, finished {when} on {'; '.join(where)}."
 
-
 def _strip_title(md: str) -> str:
     """A generated Markdown file without its own ``# title`` line."""
     return md.split("\n", 1)[1].lstrip("\n") if md.startswith("# ") else md
 
-
 #: README blocks filled from generated Markdown files: block name -> file in the figures folder
 README_BLOCKS = {"results": "results.md", "regime": "regime.md", "fidelity": "label_fidelity.md", "bench": "bench.md"}
-
 
 def fill_readme(readme: str | Path, figures_dir: str | Path, runs_dir: str | Path) -> bool:
     """Paste each generated table of :data:`README_BLOCKS` that exists into its block of
@@ -113,7 +100,6 @@ def fill_readme(readme: str | Path, figures_dir: str | Path, runs_dir: str | Pat
     if "<!-- papers:start -->" in Path(readme).read_text():
         changed |= update_readme(readme, paper_table_markdown(sources=MAIN_TABLES), "papers")
     return changed
-
 
 def main(argv: Sequence[str] | None = None) -> int:
     """``python -m tokenmix report [--runs DIR] [--figures DIR]``; returns the exit code."""
@@ -159,7 +145,6 @@ def main(argv: Sequence[str] | None = None) -> int:
           + (f" ({skipped} unfinished or failed skipped)" if skipped else "")
           + "; outputs (a file whose content did not change is left untouched): " + ", ".join(str(p) for p in paths))
     return 0
-
 
 __all__ = ["OUTPUTS", "README_BLOCKS", "README_END", "README_START", "fill_readme", "find_root", "main",
            "markdown_table", "mixed_targets_table", "paired_table", "plot_curves", "provenance", "results_display", "results_table",

@@ -16,6 +16,7 @@ from typing import Any
 import matplotlib
 import matplotlib.pyplot as plt
 import numpy as np
+import pandas as pd
 import torch
 import torch.nn.functional as F
 from matplotlib.figure import Figure
@@ -58,6 +59,20 @@ def save_figure(fig: Figure, stem: str | Path) -> list[Path]:
     for p in paths:
         write_if_changed(p, figure_bytes(fig, p.suffix[1:]))
     return paths
+
+
+def save_and_close(fig: Figure, stem: str | Path) -> list[Path]:
+    """:func:`save_figure`, then close the figure (also when saving fails)."""
+    try:
+        return save_figure(fig, stem)
+    finally:
+        plt.close(fig)
+
+
+def write_csv(path: str | Path, df: pd.DataFrame, float_format: str = "%.4f") -> Path:
+    """``df`` as CSV (no index, ``\n`` line ends) through :func:`write_if_changed`; returns ``path``."""
+    write_if_changed(path, df.to_csv(index=False, float_format=float_format, lineterminator="\n").encode())
+    return Path(path)
 
 
 def _finish(fig: Figure, save: str | Path | None) -> Figure:

@@ -25,7 +25,7 @@ import pandas as pd
 from matplotlib.figure import Figure
 
 from tokenmix import methods
-from tokenmix.report.figures import save_figure, write_if_changed
+from tokenmix.report.figures import save_and_close, write_csv, write_if_changed
 from tokenmix.report.tables import markdown_table, method_label
 from tokenmix.train.runs import Run, list_runs
 
@@ -164,13 +164,9 @@ def write_regime_report(runs_dir: str | Path, figures_dir: str | Path) -> list[P
     if not runs:
         return []
     out = Path(figures_dir)
-    fig = plot_regimes(runs)
-    try:
-        paths = save_figure(fig, out / "regime")
-    finally:
-        plt.close(fig)
+    paths = save_and_close(plot_regimes(runs), out / "regime")
     table = regime_table(runs)
-    write_if_changed(out / "regime.csv", table.to_csv(index=False, float_format="%.4f", lineterminator="\n").encode())
+    write_csv(out / "regime.csv", table)
     write_if_changed(out / "regime.md", regime_markdown(regime_summary(table)).encode())
     return paths + [out / "regime.csv", out / "regime.md"]
 

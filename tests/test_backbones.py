@@ -211,7 +211,7 @@ def test_downsample_mask_is_area_average(tiny):
 # ---------------------------------------------------------------------------------------------
 # the method x backbone matrix
 
-METHODS = ["none", "mixup", "cutmix", "mixup_cutmix", "transmix", "tokenmix", "tokenmixup", "smmix", "tl_align"]
+METHODS = ["none", "mixup", "cutmix", "mixup_cutmix", "transmix", "tokenmix", "tokenmixup", "smmix", "tl_align", "mixpro"]
 #: cells that must raise, and what the error says
 UNSUPPORTED = {("tokenmixup", "swin"): "Swin", ("tokenmixup", "pvt_v2"): "PVT"}
 
@@ -225,7 +225,7 @@ def fake_teacher(num_images=16, k=3, h=8):
 def make_method(name, fam):
     kw = {"tokenmixup": dict(tau=100.0, tokenmixup_mode="hvtm", horizontal_layer=1, vertical_layer=1),
           "smmix": dict(switch_prob=1.0), "tokenmix": dict(switch_prob=1.0),
-          "transmix": dict(switch_prob=1.0), "tl_align": {}}.get(name, {})
+          "transmix": dict(switch_prob=1.0), "tl_align": {}, "mixpro": dict(variant="official", pal=True, switch_prob=1.0)}.get(name, {})
     m = methods.get(name, num_classes=10, **kw)
     if name == "tokenmix":
         m.maps = fake_teacher()

@@ -50,9 +50,9 @@ def test_paper_results_columns_and_values(papers):
     for col in ("paper", "source", "dataset", "model", "method"):
         assert (papers[col].str.len() > 0).all(), col
     assert not papers.duplicated().any()
-    assert set(papers["paper"]) == {"TransMix", "TokenMix", "TokenMixup", "SMMix", "TL-Align"}
+    assert set(papers["paper"]) == {"TransMix", "TokenMix", "TokenMixup", "SMMix", "TL-Align", "MixPro"}
     for row in papers.itertuples():  # every source names a table of its paper
-        assert re.fullmatch(re.escape(row.paper) + r" (suppl\. )?Table A?\d+", row.source), row.source
+        assert re.fullmatch(re.escape(row.paper) + r" ((suppl\. )?Table A?\d+|abstract)", row.source), row.source
 
 
 def test_paper_results_use_our_names(papers):
@@ -208,7 +208,8 @@ def test_plot_accuracy_vs_time_needs_cutmix(runs_dir):
 # gallery and the report files
 
 ALL_METHODS = ("none", "mixup", "cutmix", "mixup_cutmix", "transmix", "tokenmix", "tokenmixup{tokenmixup_mode=htm}",
-               "tokenmixup{tokenmixup_mode=vtm}", "smmix", "tl_align", "tl_align[paper]")
+               "tokenmixup{tokenmixup_mode=vtm}", "smmix", "tl_align", "tl_align[paper]", "mixpro", "mixpro[official]",
+               "compose{label=transmix,mask=maskmix}")
 
 
 def test_plot_gallery_runs_for_every_method():

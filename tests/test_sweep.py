@@ -111,7 +111,7 @@ def test_fmnist_study_grid_is_the_chosen_regime_with_three_seeds_and_a_core():
     grid = load_grid(REPO / "configs" / "fmnist_cpu.yaml")
     labels = sorted({c.label for c in grid.cells})
     assert labels == sorted(["none", "mixup", "cutmix", "mixup_cutmix", "transmix", "tokenmix", "tokenmixup_htm",
-                             "tokenmixup_vtm", "smmix", "tl_align"])
+                             "tokenmixup_vtm", "smmix", "tl_align", "mixpro"])
     assert sorted({c.config.seed for c in grid.cells}) == [0, 1, 2]
     assert {(c.config.model, c.config.train_subset, c.config.epochs, c.config.hflip, c.config.crop_padding)
             for c in grid.cells} == {("vit_cpu", 1000, 60, False, 0)}
@@ -119,7 +119,7 @@ def test_fmnist_study_grid_is_the_chosen_regime_with_three_seeds_and_a_core():
     assert all(c.config.checkpoint_every == 10 for c in grid.cells if c.label == "cutmix")  # label fidelity
     core = load_grid(REPO / "configs" / "fmnist_cpu.yaml", extended=False)
     assert len(core.cells) == 21
-    assert {c.label for c in core.cells} == set(labels) - {"mixup_cutmix", "tokenmixup_vtm", "smmix"}
+    assert {c.label for c in core.cells} == set(labels) - {"mixup_cutmix", "tokenmixup_vtm", "smmix", "mixpro"}
 
 
 def test_regimes_cross_methods_and_name_the_runs(tmp_path):

@@ -337,10 +337,12 @@ SETTINGS: tuple[BenchSetting, ...] = (
     BenchSetting("DeiT-S, 32 px", "deit_small_patch16_224", 32, 3, 100, 32, 2, 8, 4, "cifar100"),
 )
 SUITE_METHODS: tuple[str, ...] = ("cutmix", TIMM_REFERENCE, "mixup", "mixup_cutmix", "transmix", "tl_align", "tl_align:path=kdim",
-                                  "tokenmix", "tokenmixup:tokenmixup_mode=htm", "tokenmixup:tokenmixup_mode=vtm", "smmix")
+                                  "tokenmix", "tokenmixup:tokenmixup_mode=htm", "tokenmixup:tokenmixup_mode=vtm", "smmix",
+                                  "mixpro", "mixpro:variant=official")
 #: the step-time targets of the CPU preset (ratio to CutMix): what each method's extra work should cost
 TARGETS: dict[str, float] = {"transmix": 1.03, "tl_align": 1.05, "tl_align:path=kdim": 1.05, "tokenmix": 1.05,
-                             "tokenmixup:tokenmixup_mode=htm": 1.15, "tokenmixup:tokenmixup_mode=vtm": 1.10, "smmix": 1.25}
+                             "tokenmixup:tokenmixup_mode=htm": 1.15, "tokenmixup:tokenmixup_mode=vtm": 1.10, "smmix": 1.25,
+                             "mixpro": 1.03}
 #: the package's CutMix step may cost at most this much more than the hand-written timm step
 TIMM_OVERHEAD_TARGET = 1.02
 #: gradient saliency must be at least this many times slower than TokenMixup's attention saliency

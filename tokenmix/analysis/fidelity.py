@@ -27,11 +27,14 @@ placed in the mixed image* (SMMix moves its window, see below).
 The masks (:data:`MASKS`) and the label rules (:data:`RULES`)
 --------------------------------------------------------------
 Every rule is scored on every mask it applies to, so that rows are comparable. For each batch the
-three masks are drawn with ``torch.manual_seed(seed)`` (one draw per batch, as in batch mode):
+four masks are drawn with ``torch.manual_seed(seed)`` (one draw per batch, as in batch mode):
 
 - ``CutMix box``: timm's pixel box, Beta(1, 1), one box per batch.
 - ``TokenMix blocks``: TokenMix's official block mask (28 of 49 tokens on the 7x7 grid, so its
   area share is constant; on it only a rule that reads the content can correlate).
+- ``MaskMix grid``: MixPro's MaskMix, cells of 2 x 2 tokens (a 4 x 4 grid of cells on the 7 x 7
+  tokens, the last row and column one token wide), k = ceil(16 lambda) own cells, lambda ~ Beta(1, 1),
+  the cells drawn per sample.
 - ``SMMix windows``: SMMix's max->min windows (the partner's most salient k x k token window from
   the model's own clean forward, pasted onto the own least salient window; the partner's pixels
   are moved).
@@ -41,6 +44,9 @@ The rules (every share below is the partner share; the package's ``lam`` is the 
 - ``area``: 1 - lam_area, the pasted area (CutMix's, TokenMix-area's and SMMix's label).
 - ``TransMix (official)`` / ``TransMix (paper)``: :meth:`tokenmix.methods.TransMix.partner_share`
   from the last block's CLS attention of the forward on the *mixed* batch.
+- ``MixPro (PAL)``: :meth:`tokenmix.methods.MixPro.pal_shares` (``paper``): the TransMix (paper)
+  attention share mixed with the area share by the progressive factor alpha = cos(softmax(z),
+  area target) of the same forward, per sample.
 - ``TL-Align``: 1 - beta of :meth:`tokenmix.methods.TLAlign.aligned_target` (token labels
   propagated through every block's attention of the mixed forward; ``variant="paper"``, so a
   pixel box starts with the fractional shares of the tokens it cuts).
@@ -83,6 +89,7 @@ from tokenmix.data import dataset_info, load_split
 from tokenmix.methods.base import MixedBatch, ModelOutputs, Needs, TokenGrid
 from tokenmix.methods.baselines import CutMix
 from tokenmix.methods.masks import token_mask_to_pixels
+from tokenmix.methods.mixpro import MixPro, cell_tokens
 from tokenmix.methods.smmix import SMMix, paste_windows
 from tokenmix.methods.step import forward_outputs
 from tokenmix.methods.teacher_maps import TeacherCacheError, load_teacher_maps
@@ -93,17 +100,18 @@ from tokenmix.train.engine import load_model
 from tokenmix.train.runs import CHECKPOINT, load_run
 
 #: the masks every rule is scored on, in table order
-MASKS: tuple[str, ...] = ("CutMix box", "TokenMix blocks", "SMMix windows")
+MASKS: tuple[str, ...] = ("CutMix box", "TokenMix blocks", "MaskMix grid", "SMMix windows")
 #: the label rules, in table order
-RULES: tuple[str, ...] = ("area", "TransMix (official)", "TransMix (paper)", "TL-Align", "TokenMix (teacher)",
-                          "TokenMixup (saliency)")
+RULES: tuple[str, ...] = ("area", "TransMix (official)", "TransMix (paper)", "TL-Align", "MixPro (PAL)",
+                          "TokenMix (teacher)", "TokenMixup (saliency)")
 #: rules that read the partner's map at the pasted position (not applicable to moved windows)
 SAME_POSITION_RULES: frozenset[str] = frozenset({"TokenMix (teacher)", "TokenMixup (saliency)"})
 #: the two ground truths
 ORACLES: tuple[str, ...] = ("mass", "own share")
 #: what each rule estimates (the oracle it targets), for the report
 TARGETS: dict[str, str] = {"area": "neither (the pasted area)", "TransMix (official)": "own share (half area)",
-                           "TransMix (paper)": "own share", "TL-Align": "own share", "TokenMix (teacher)": "own share",
+                           "TransMix (paper)": "own share", "TL-Align": "own share",
+                           "MixPro (PAL)": "own share (mixed with area by α)", "TokenMix (teacher)": "own share",
                            "TokenMixup (saliency)": "own share"}
 #: columns of :func:`summarize`
 TABLE_COLUMNS: tuple[str, ...] = ("mask", "rule", "n", "MAE (mass)", "pearson (mass)", "MAE (own share)",
@@ -234,6 +242,12 @@ def _draw_mix(mask: str, model: nn.Module, x: Tensor, xr: Tensor, y: Tensor, gri
         tmx.grid = grid
         mixed = tmx.mix(x, y)
         return mixed, xr[mixed.partner_index]
+    if mask == "MaskMix grid":
+        mm = MixPro(k, variant="paper", pal=False, switch_prob=1.0)
+        mm.grid = grid
+        mm.cell_side = cell_tokens(grid)
+        mixed = mm.mix(x, y)
+        return mixed, xr[mixed.partner_index]
     if mask == "SMMix windows":
         sm = SMMix(k, switch_prob=1.0, shared_head=True)  # shared head: no new module attached to the model
         sm.prepare_model(model)
@@ -255,6 +269,10 @@ def _rule_share(rule: str, model: nn.Module, mixed: MixedBatch, outputs: ModelOu
             raise ValueError(f"the fidelity benchmark needs a timm ViT/DeiT with a CLS token, got {type(model).__name__}")
         attn, g = tm.attention(outputs)
         return tm.partner_share(attn, mixed, g).float()
+    if rule == "MixPro (PAL)":
+        mp = MixPro(k, variant="paper", pal=True)
+        mp.prepare_model(model)
+        return mp.pal_shares(outputs, mixed)[2].float()
     if rule == "TL-Align":
         tla = TLAlign(k, variant="paper", cutmix_snap="pixel", source="qk")
         tla.prepare_model(model)

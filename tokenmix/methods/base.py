@@ -209,8 +209,11 @@ class MixMethod:
 
     - :meth:`mix_batch` -- the mask and the area target, before the forward;
     - :meth:`label` -- the label rule, when the target depends on the forward (reads
-      ``ModelOutputs``, returns a new target; never changes its inputs);
-    - :meth:`loss` -- the criterion, when it is not the soft-target cross-entropy or has more terms;
+      ``ModelOutputs``, returns a new target; never changes its inputs); :meth:`label_mixed` the
+      part of a label rule known before the forward (TokenMix's teacher target);
+    - :meth:`loss` -- the criterion, when it is not the soft-target cross-entropy or has more terms
+      (:meth:`auxiliary_loss`: the terms that belong to the method's mask, kept when the mask is
+      combined with another label rule);
     - :meth:`setup_model` / :meth:`release_model` -- what it installs on the model (hooks,
       wrappers, trainable heads) and how that is removed;
     - :meth:`forward_context` / :meth:`forward_extras` -- computations inside the training forward
@@ -357,7 +360,18 @@ class MixMethod:
         """True when this batch is left unmixed (probability ``1 - mix_prob``)."""
         return self.mix_prob < 1.0 and float(torch.rand(())) >= self.mix_prob
 
+    def label_mixed(self, mixed: MixedBatch, meta: dict[str, Tensor] | None) -> MixedBatch:
+        """The part of the label rule known before the forward, applied to a mixed batch (also one
+        another method's mask produced, see :class:`tokenmix.methods.Compose`): TokenMix's teacher
+        target. Default: the batch unchanged."""
+        return mixed
+
     # -- phase 2 ------------------------------------------------------------------------------
+    def auxiliary_loss(self, outputs: ModelOutputs, mixed: MixedBatch) -> tuple[Tensor | None, dict[str, float]]:
+        """Loss terms the method's *mask* adds beside the classification term, already weighted
+        (SMMix's fine-grained and consistency losses), and floats to log. Default: none."""
+        return None, {}
+
     def label(self, outputs: ModelOutputs, mixed: MixedBatch) -> tuple[Tensor, dict[str, float]]:
         """The target (B, K) the method trains ``mixed`` towards, given the forward's outputs, and
         floats to log. Default: the area target ``mixed.target``."""

@@ -7,6 +7,7 @@ from typing import Any
 
 from tokenmix.methods.base import MixMethod
 from tokenmix.methods.baselines import CutMix, Mixup, MixupCutMix
+from tokenmix.methods.mixpro import MixPro
 from tokenmix.methods.smmix import SMMix
 from tokenmix.methods.tlalign import TLAlign
 from tokenmix.methods.tokenmix import TokenMix
@@ -24,7 +25,7 @@ def register(cls: type[MixMethod]) -> type[MixMethod]:
     return cls
 
 
-for _cls in (MixMethod, Mixup, CutMix, MixupCutMix, TransMix, TLAlign, TokenMix, TokenMixup, SMMix):
+for _cls in (MixMethod, Mixup, CutMix, MixupCutMix, TransMix, TLAlign, TokenMix, TokenMixup, SMMix, MixPro):
     register(_cls)
 
 

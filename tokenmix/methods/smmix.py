@@ -287,7 +287,8 @@ class SMMix(MixMethod):
         return MixedBatch(
             x=paste_windows(x, x[idx], src, dst, k, grid), y=y, y_partner=y[idx], partner_index=idx,
             partner_mask=pasted, lam_area=lam, target=mix_targets(y, y[idx], lam, self.num_classes, self.smoothing),
-            kind="smmix", extras={"clean_logits": z, "saliency": sal, "src": src, "dst": dst, "k": k},
+            kind="smmix", extras={"clean_logits": z, "saliency": sal, "src": src, "dst": dst, "k": k,
+                                  "partner_source_mask": window_mask(src, k, grid)},
         )
 
     # -- phase 2 ------------------------------------------------------------------------------
@@ -305,10 +306,20 @@ class SMMix(MixMethod):
         return {"smmix_region_logits": (self.region_logits(tokens, 1 - pasted), self.region_logits(tokens, pasted))}
 
     def loss(self, outputs: ModelOutputs, mixed: MixedBatch) -> tuple[Tensor, dict[str, float]]:
+        """w_cls L_cls + w_fine L_fine + w_con L_con (the last two on SMMix batches only)."""
         target, info = self.label(outputs, mixed)
         l_cls = soft_target_cross_entropy(outputs.logits, target)
-        if mixed.kind != "smmix":
+        aux, aux_info = self.auxiliary_loss(outputs, mixed)
+        if aux is None:
             return l_cls, info
+        info.update(l_cls=float(l_cls.detach()), **aux_info)
+        return self.w_cls * l_cls + aux, info
+
+    def auxiliary_loss(self, outputs: ModelOutputs, mixed: MixedBatch) -> tuple[Tensor | None, dict[str, float]]:
+        """``w_fine L_fine + w_con L_con`` of an SMMix batch (None on the others): the terms of
+        the max-min region, kept when the region is combined with another label rule."""
+        if mixed.kind != "smmix":
+            return None, {}
         if outputs.tokens is None:
             raise ValueError("smmix needs the final tokens (needs.tokens); the forward returned none")
         regions = outputs.extras.get("smmix_region_logits") or self.forward_extras(outputs.tokens, mixed)[
@@ -318,13 +329,11 @@ class SMMix(MixMethod):
         if b % 2:  # an odd batch's middle sample is its own partner and unmixed: no pasted region
             paired = mixed.partner_index != torch.arange(b, device=y.device)
             regions, y, y_partner = tuple(r[paired] for r in regions), y[paired], y_partner[paired]
-        l_fine = fine_loss(*regions, y, y_partner, self.smoothing) if y.numel() else l_cls.new_zeros(())
+        l_fine = fine_loss(*regions, y, y_partner, self.smoothing) if y.numel() else outputs.logits.new_zeros(())
         z = mixed.extras["clean_logits"]
         l_con = consistency_loss(outputs.logits, z, z[mixed.partner_index], mixed.lam_area, self.variant)
-        loss = self.w_cls * l_cls + self.w_fine * l_fine + self.w_con * l_con
-        info.update(l_cls=float(l_cls.detach()), l_fine=float(l_fine.detach()), l_con=float(l_con.detach()),
-                    window=float(mixed.extras["k"]))
-        return loss, info
+        return self.w_fine * l_fine + self.w_con * l_con, {
+            "l_fine": float(l_fine.detach()), "l_con": float(l_con.detach()), "window": float(mixed.extras["k"])}
 
     def __repr__(self) -> str:
         return f"SMMix(variant={self.variant!r}, placement={self.placement!r}, switch_prob={self.switch_prob})"

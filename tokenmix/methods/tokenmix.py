@@ -142,18 +142,23 @@ def random_mask(num_tokens: int, count: int) -> Tensor:
     return mask
 
 
-def teacher_masses(own_maps: Tensor, partner_mask: Tensor, partner_index: Tensor) -> tuple[Tensor, Tensor]:
+def teacher_masses(own_maps: Tensor, partner_mask: Tensor, partner_index: Tensor,
+                   partner_source_mask: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """Eq. 2's masses: own map mass left visible and partner map mass pasted in.
 
     Args:
         own_maps: (B, N) each sample's normalised map on the token grid (sums to 1).
-        partner_mask: (B, N) partner share of each token.
+        partner_mask: (B, N) partner share of each token of the mixed image.
         partner_index: (B,).
+        partner_source_mask: (B, N) where the pasted tokens were taken from, in the partner's own
+            image, when the mask moves them (SMMix's windows); default ``partner_mask``.
     Returns:
-        y_own (B,) = sum_t own(t) (1 - M_t); y_partner (B,) = sum_t own[partner](t) M_t.
+        y_own (B,) = sum_t own(t) (1 - M_t); y_partner (B,) = sum_t own[partner](t) S_t, with S the
+        source mask (= M for masks that paste at the same position).
     """
+    src = partner_mask if partner_source_mask is None else partner_source_mask
     y_own = (own_maps * (1 - partner_mask)).sum(1)
-    y_partner = (own_maps[partner_index] * partner_mask).sum(1)
+    y_partner = (own_maps[partner_index] * src).sum(1)
     return y_own, y_partner
 
 
@@ -306,8 +311,14 @@ class TokenMix(MixMethod):
                                partner_mask=m, lam_area=lam,
                                target=mix_targets(y, y[idx], lam, self.num_classes, self.smoothing))
         mixed.kind = "tokenmix" if self.mask != "cutmix" else "cutmix"
-        if self.labels == "teacher":
-            self._teacher_target(mixed, grid, meta)
+        return self.label_mixed(mixed, meta)
+
+    def label_mixed(self, mixed: MixedBatch, meta: dict[str, Tensor] | None) -> MixedBatch:
+        """With teacher labels, the teacher target of a cut-and-paste batch (any mask: the pasted
+        partner tokens are read where they came from, ``extras["partner_source_mask"]``, when the
+        mask moves them); Mixup and unmixed batches keep their area target."""
+        if self.labels == "teacher" and mixed.kind not in ("none", "mixup"):
+            self._teacher_target(mixed, self.grid, meta)
         return mixed
 
     def _teacher_target(self, mixed: MixedBatch, grid: TokenGrid, meta: dict[str, Tensor] | None) -> None:
@@ -319,7 +330,8 @@ class TokenMix(MixMethod):
             self.prepare_training()
         own = self.maps.token_maps(meta["index"], mixed.y, meta["box"], meta["flip"], grid.rows, grid.cols,
                                    self.clamp_negative)  # (B, N)
-        y_own, y_par = teacher_masses(own, mixed.partner_mask, mixed.partner_index)
+        y_own, y_par = teacher_masses(own, mixed.partner_mask, mixed.partner_index,
+                                      mixed.extras.get("partner_source_mask"))
         if self.variant == "official":
             mixed.target = official_target(mixed.y, mixed.y_partner, y_own, y_par, self.num_classes, self.smoothing)
         else:

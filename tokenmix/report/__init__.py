@@ -8,7 +8,8 @@ behind some figures are in :mod:`tokenmix.analysis.experiments`.
 
 ``python -m tokenmix report --runs runs --figures figures`` (``make figures``) calls :func:`main`,
 which writes ``training_curves.{png,svg}``, ``results.md``, ``results.csv`` and ``paired.csv`` (each
-method's paired difference to CutMix) from the complete runs, and ``tokenmix_occlusion.{png,svg,csv}`` (TokenMix's Figure 5) when there are complete
+method's paired difference to CutMix) from the complete runs, ``ablation.{md,csv}`` when some are
+``compose`` runs (each label rule's paired difference to the area label on the same mask), and ``tokenmix_occlusion.{png,svg,csv}`` (TokenMix's Figure 5) when there are complete
 Fashion-MNIST runs of CutMix and TokenMix (:func:`~tokenmix.report.tokenmix.write_tokenmix_occlusion`).
 The notebooks show the same functions' figures.
 """
@@ -23,7 +24,7 @@ from tokenmix.report.figures import (find_root, plot_curves, save_and_close, sho
                                      show_mixed_batch, write_csv, write_if_changed)
 from tokenmix.report.regime import write_regime_report
 from tokenmix.report.study import MAIN_TABLES, paper_table_markdown, write_study_figures
-from tokenmix.report.tables import (markdown_table, mixed_targets_table, paired_table, results_display,
+from tokenmix.report.tables import (ablation_markdown, ablation_table, markdown_table, mixed_targets_table, paired_table, results_display,
                                     results_markdown, results_table, summary_table)
 from tokenmix.report.tokenmix import OCCLUSION_METHODS, write_tokenmix_occlusion
 from tokenmix.train.runs import list_runs
@@ -44,7 +45,13 @@ def write_report(runs_dir: str | Path, figures_dir: str | Path) -> list[Path]:
     write_csv(out / "results.csv", df)
     write_csv(out / "paired.csv", paired)
     write_if_changed(out / "results.md", results_markdown(df, paired).encode())
-    return paths + [out / "results.md", out / "results.csv", out / "paired.csv"]
+    paths += [out / "results.md", out / "results.csv", out / "paired.csv"]
+    ablation = ablation_table(runs)
+    if len(ablation):  # the masks x label rules grid (configs/fmnist_ablation.yaml)
+        write_csv(out / "ablation.csv", ablation)
+        write_if_changed(out / "ablation.md", ablation_markdown(ablation).encode())
+        paths += [out / "ablation.md", out / "ablation.csv"]
+    return paths
 
 README_START, README_END = "<!-- results:start -->", "<!-- results:end -->"
 
@@ -146,6 +153,6 @@ def main(argv: Sequence[str] | None = None) -> int:
           + "; outputs (a file whose content did not change is left untouched): " + ", ".join(str(p) for p in paths))
     return 0
 
-__all__ = ["OUTPUTS", "README_BLOCKS", "README_END", "README_START", "fill_readme", "find_root", "main",
+__all__ = ["OUTPUTS", "README_BLOCKS", "README_END", "README_START", "ablation_table", "fill_readme", "find_root", "main",
            "markdown_table", "mixed_targets_table", "paired_table", "plot_curves", "provenance", "results_display", "results_table",
            "show_attention", "show_images", "show_mixed_batch", "summary_table", "update_readme", "write_report"]

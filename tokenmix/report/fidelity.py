@@ -32,7 +32,8 @@ from tokenmix.train.runs import CHECKPOINT, Run, epoch_checkpoint_name, list_run
 #: colours of the rules (CutMix green and TokenMix red as in the other report figures)
 RULE_COLOURS: dict[str, str] = {
     "area": "tab:green", "TransMix (official)": "tab:blue", "TransMix (paper)": "tab:cyan",
-    "TL-Align": "tab:purple", "TokenMix (teacher)": "tab:red", "TokenMixup (saliency)": "tab:brown",
+    "TL-Align": "tab:purple", "MixPro (PAL)": "tab:pink", "TokenMix (teacher)": "tab:red",
+    "TokenMixup (saliency)": "tab:brown",
 }
 #: files written by :func:`write_label_fidelity`
 FIDELITY_OUTPUTS: tuple[str, ...] = ("label_fidelity.csv", "label_fidelity.md", "label_fidelity.png",
@@ -76,7 +77,9 @@ def fidelity_records(runs_dir: str | Path, data_dir: str | Path = "data", datase
     if run is None:
         return None
     params = {**FIDELITY_PARAMS, **params}
-    df = cached_measurement(runs_dir, "label_fidelity", checkpoint_files(run), {**params, "run": run.run_id},
+    # the masks and rules measured are part of the fingerprint: a new mask or rule re-measures
+    key = {**params, "run": run.run_id, "masks": list(MASKS), "rules": list(RULES)}
+    df = cached_measurement(runs_dir, "label_fidelity", checkpoint_files(run), key,
                             lambda: measure_checkpoints(run.path, data_dir, **params))
     return None if df is None else (run, df)
 

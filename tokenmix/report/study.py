@@ -186,7 +186,7 @@ def paper_pivot(paper_df: pd.DataFrame | None = None, sources: Sequence[str] | N
 
 #: the main results table of each paper (for a short README section)
 MAIN_TABLES: tuple[str, ...] = ("TransMix suppl. Table 2", "TokenMix Table 1", "TokenMixup Table 1", "SMMix Table 1",
-                                "TL-Align Table 1")
+                                "TL-Align Table 1", "MixPro abstract")
 
 
 def paper_table_markdown(paper_df: pd.DataFrame | None = None, sources: Sequence[str] | None = None) -> str:

@@ -22,7 +22,8 @@ from tokenmix.report.figures import (ArrayLike, _class_name, _draw_token_grid, _
 OWN_COLOUR, PARTNER_COLOUR = "tab:blue", "tab:orange"
 #: marker colours of the ratio names of :func:`tokenmix.analysis.probes.transmix_ratios`
 RATIO_COLOURS = {"area": "0.55", "official": "tab:red", "paper": "tab:green",
-                 "attention, nearest mask": "tab:purple", "attention, area mask": "tab:olive"}
+                 "attention, nearest mask": "tab:purple", "attention, area mask": "tab:olive",
+                 "attention": "tab:purple", "PAL": "tab:pink"}
 
 
 def _draw_box(ax: plt.Axes, box: Sequence[int] | None, colour: str = "yellow") -> None:
@@ -107,7 +108,7 @@ def show_transmix_samples(x: ArrayLike, mixed: MixedBatch, attn: ArrayLike, grid
 
 def plot_transmix_lambdas(ratios: Mapping[str, ArrayLike], keys: Sequence[str] = ("official", "paper"),
                           reference: str = "area", n_bars: int = 16, title: str | None = None,
-                          save: str | Path | None = None) -> Figure:
+                          ylabel: str = "TransMix λ (own share)", save: str | Path | None = None) -> Figure:
     """Area lambda against TransMix lambda per sample (own shares).
 
     Left: a scatter of ``ratios[key]`` against ``ratios[reference]`` for every key, with the
@@ -117,7 +118,8 @@ def plot_transmix_lambdas(ratios: Mapping[str, ArrayLike], keys: Sequence[str] =
     Args:
         ratios: {name: (S,)} own shares of S samples (e.g. from
             :func:`tokenmix.analysis.probes.collect_transmix_ratios`).
-        keys: the ratios compared with ``reference``.
+        keys: the ratios compared with ``reference``; ylabel: the scatter's y label (other labels
+            than TransMix's, e.g. MixPro's PAL, use the same figure).
         n_bars: samples in the bar chart (indices ``linspace(0, S - 1, n_bars)``); title, save: as usual.
     Returns:
         The Figure with two axes (scatter, bars).
@@ -129,7 +131,7 @@ def plot_transmix_lambdas(ratios: Mapping[str, ArrayLike], keys: Sequence[str] =
         v = _tensor(ratios[k]).numpy()
         mad = float(np.abs(v - ref).mean())
         ax_sc.scatter(ref, v, s=14, alpha=0.75, color=RATIO_COLOURS.get(k), label=f"{k} (mean |Δ| {mad:.3f})")
-    ax_sc.set(xlim=(0, 1), ylim=(0, 1), xlabel=f"{reference} λ (own share)", ylabel="TransMix λ (own share)",
+    ax_sc.set(xlim=(0, 1), ylim=(0, 1), xlabel=f"{reference} λ (own share)", ylabel=ylabel,
               title="per sample")
     ax_sc.set_aspect("equal")
     ax_sc.grid(alpha=0.3)

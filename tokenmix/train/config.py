@@ -32,7 +32,7 @@ class RunConfig:
 
     # what to train
     method: str = "cutmix"
-    variant: str = ""  # "" = the method's default (official; paper for tokenmixup), filled in at validation
+    variant: str = ""  # "" = the method's default (official; paper for tokenmixup and mixpro), filled in at validation
     model: str = "vit_cpu"
     dataset: str = "fashion_mnist"
     img_size: int = 28

@@ -154,3 +154,14 @@ def test_paper_ablations_are_valid_pairs_and_idempotent_preparation():
     assert isinstance(comp, Compose) and "smmix mask; tl_align label" == comp.describe()
     out = forward_outputs(model, comp.needs, torch.randn(2, 1, 28, 28))
     assert out.tokens is not None and (out.qk or out.attention)  # both halves' captures
+
+
+def test_the_data_context_reaches_the_teacher_rule():
+    """RunConfig fills dataset / img_size / data_dir; the teacher rule looks its cache up with them."""
+    from tokenmix import RunConfig
+
+    cfg = RunConfig(method="compose", dataset="cifar100", img_size=32, data_dir="/somewhere",
+                    method_kwargs={"mask": "tokenmix_block", "label": "teacher"})
+    m = methods.get("compose", **cfg.method_params(100))
+    assert (m.labeller.dataset, m.labeller.img_size, m.labeller.data_dir) == ("cifar100", 32, "/somewhere")
+    assert m.masker.dataset == "cifar100"  # the mask half (TokenMix) takes them too

@@ -122,6 +122,24 @@ def test_fmnist_study_grid_is_the_chosen_regime_with_three_seeds_and_a_core():
     assert {c.label for c in core.cells} == set(labels) - {"mixup_cutmix", "tokenmixup_vtm", "smmix", "mixpro"}
 
 
+def test_ablation_grid_pairs_every_rule_with_its_masks_area_label_on_the_study_protocol():
+    from tokenmix import methods
+    from tokenmix.methods.compose import PAPER_ABLATIONS
+
+    grid = load_grid(REPO / "configs" / "fmnist_ablation.yaml")
+    study = load_grid(REPO / "configs" / "fmnist_cpu.yaml")
+    assert len(grid.cells) == 33 and grid.out_dir == "results/fmnist_ablation"
+    pairs = {(c.config.method_kwargs["mask"], c.config.method_kwargs["label"]) for c in grid.cells}
+    assert {m for m, _ in pairs} == {m for m, lab in pairs if lab == "area"}  # every mask has its area reference
+    assert {c.config.method for c in grid.cells} == {"compose"}
+    assert pairs <= set(PAPER_ABLATIONS.values())  # every cell is a row of a paper
+    ref = next(c.config for c in study.cells if c.label == "cutmix")
+    same = ("model", "train_subset", "epochs", "batch_size", "lr", "hflip", "crop_padding", "threads", "eval_every")
+    assert all(getattr(c.config, k) == getattr(ref, k) for c in grid.cells for k in same)
+    for c in grid.cells:  # every cell builds
+        methods.get("compose", **c.config.method_params(10))
+
+
 def test_regimes_cross_methods_and_name_the_runs(tmp_path):
     p = tmp_path / "r.yaml"
     p.write_text(json.dumps({"name": "r", "out_dir": str(tmp_path / "runs"), "base": TINY_BASE,

@@ -61,7 +61,7 @@ import torch.nn as nn
 from torch import Tensor
 
 from tokenmix.methods.base import MixedBatch, MixMethod, ModelOutputs, Needs
-from tokenmix.methods.registry import get, method_class, register
+from tokenmix.methods.registry import get, method_class, parameters, register
 
 #: mask name -> (registered method, its fixed keywords: the mask alone, with area targets)
 MASKS: dict[str, tuple[str, dict[str, Any]]] = {
@@ -134,8 +134,10 @@ class Compose(MixMethod):
         label: a name of :data:`LABELS`.
         mask_kwargs: keywords of the mask's method (e.g. ``{"cutmix_alpha": 0.5}``,
             ``{"mask_patch": 8}``, ``{"switch_prob": 0.5}``); not ``labels``, ``loss``, ``pal``.
-        label_kwargs: keywords of the rule's method (e.g. ``{"teacher_cache": ...}`` for
+        label_kwargs: keywords of the rule's method (e.g. ``{"teacher": "cnn_small"}`` for
             ``teacher``, ``{"source": "qk"}`` for ``tl_align``).
+        dataset, img_size, data_dir: the training data (``RunConfig`` fills them), passed to the
+            halves that take them (TokenMix's teacher cache is looked up with them).
     """
 
     name: ClassVar[str] = "compose"
@@ -144,7 +146,8 @@ class Compose(MixMethod):
 
     def __init__(self, num_classes: int, smoothing: float = 0.1, variant: str = "official", mix_prob: float = 1.0,
                  mask: str = "cutmix", label: str = "area", mask_kwargs: dict[str, Any] | None = None,
-                 label_kwargs: dict[str, Any] | None = None) -> None:
+                 label_kwargs: dict[str, Any] | None = None, dataset: str = "fashion_mnist", img_size: int = 28,
+                 data_dir: str = "data") -> None:
         super().__init__(num_classes, smoothing, variant, mix_prob)
         for what, value, valid in (("mask", mask, MASKS), ("label", label, LABELS)):
             if value not in valid:
@@ -155,7 +158,8 @@ class Compose(MixMethod):
             raise ValueError(f"mask_kwargs may not set {', '.join(fixed)} (they choose labels, not the mask): "
                              f"pick the label rule with label= ({', '.join(LABELS)})")
         self.mask_name, self.label_name = mask, label
-        common = {"smoothing": smoothing, "variant": variant}
+        common = {"smoothing": smoothing, "variant": variant,  # and where the data lives (the teacher cache)
+                  "context": {"dataset": dataset, "img_size": img_size, "data_dir": data_dir}}
         mask_method, mask_fixed = MASKS[mask]
         self.masker = get(mask_method, num_classes=num_classes, mix_prob=mix_prob,
                           **_variant(mask_method, common), **{**mask_fixed, **mask_kwargs})
@@ -243,10 +247,13 @@ class Compose(MixMethod):
 
 
 def _variant(method: str, common: dict[str, Any]) -> dict[str, Any]:
-    """``smoothing`` and ``variant`` for a registered method (the variant only if it has it)."""
-    out = {"smoothing": common["smoothing"]}
+    """``smoothing``, ``variant`` (when the method has it) and the data context (``dataset``,
+    ``img_size``, ``data_dir``: the parameters the method takes) for a registered method."""
+    out: dict[str, Any] = {"smoothing": common["smoothing"]}
     if common["variant"] in method_class(method).variants:
         out["variant"] = common["variant"]
+    params = parameters(method)
+    out.update({k: v for k, v in common["context"].items() if k in params})
     return out
 
 

@@ -143,6 +143,8 @@ def test_attention_rules_on_maskmix_across_backbones(fam, label):
 def test_paper_ablations_are_valid_pairs_and_idempotent_preparation():
     for name, (mask, label) in PAPER_ABLATIONS.items():
         assert mask in MASKS and label in LABELS, name
+        comp = methods.get("compose", num_classes=K, mask=mask, label=label)  # every row builds and prepares
+        comp.prepare_model(fresh_vit())
     comp = methods.get("compose", num_classes=K, mask="smmix", label="tl_align")
     model = fresh_vit()
     n = sum(1 for _ in model.parameters())
@@ -165,3 +167,44 @@ def test_the_data_context_reaches_the_teacher_rule():
     m = methods.get("compose", **cfg.method_params(100))
     assert (m.labeller.dataset, m.labeller.img_size, m.labeller.data_dir) == ("cifar100", 32, "/somewhere")
     assert m.masker.dataset == "cifar100"  # the mask half (TokenMix) takes them too
+
+
+def test_each_half_can_have_its_own_variant_and_rules_cannot_be_unmade():
+    comp = methods.get("compose", num_classes=K, mask="maskmix", label="transmix",
+                       mask_kwargs={"variant": "paper"}, label_kwargs={"variant": "official"})
+    assert (comp.masker.variant, comp.labeller.variant) == ("paper", "official")
+    with pytest.raises(ValueError, match="label_kwargs may not change pal"):
+        methods.get("compose", num_classes=K, mask="maskmix", label="pal", label_kwargs={"pal": False})
+
+
+def test_a_failed_preparation_leaves_nothing_on_the_model():
+    """SMMix's mask attaches its token head; when the label rule then refuses the model, the head goes."""
+    torch.manual_seed(0)
+    model = create_tiny_model("cait", K, 32, 3)
+    comp = methods.get("compose", num_classes=K, mask="smmix", label="tl_align", label_kwargs={"source": "qk"})
+    with pytest.raises(ValueError, match="label rule 'tl_align' cannot run"):
+        comp.prepare_model(model)
+    assert "smmix_token_head" not in model._modules
+
+
+def test_smmix_windows_carry_their_source_and_the_teacher_reads_it():
+    """End to end: the SMMix mask records where the pasted window came from, and compose's teacher
+    rule takes the partner's map mass there (by hand from the same maps)."""
+    comp = methods.get("compose", num_classes=K, variant="paper", mask="smmix", label="teacher")
+    comp.maps = fake_teacher()
+    model = fresh_vit()
+    MixStep(model, comp)
+    torch.manual_seed(123)
+    x, y = torch.randn(B, 1, 28, 28), torch.randint(0, K, (B,))
+    torch.manual_seed(4)
+    mixed = comp.mix(x, y, meta())
+    e = mixed.extras
+    src = e["partner_source_mask"]
+    assert src.sum(1).tolist() == [e["k"] ** 2] * B and torch.equal(mixed.partner_mask.sum(1), src.sum(1))
+    own = comp.maps.token_maps(meta()["index"], y, meta()["box"], meta()["flip"], 7, 7, True)
+    idx = mixed.partner_index
+    y_par = (own[idx] * src).sum(1)
+    torch.testing.assert_close(e["y_partner"], y_par.to(e["y_partner"].dtype))
+    assert not torch.equal(src, mixed.partner_mask)  # max -> min: the windows moved in this draw
+    # reading at the destination would give another mass
+    assert not torch.allclose(e["y_partner"], (own[idx] * mixed.partner_mask).sum(1))

@@ -40,8 +40,11 @@ def test_cell_size_default_and_validation():
     assert cell_grid(TokenGrid(7, 7, 4, 4), 2) == (4, 4) and cell_grid(TokenGrid(6, 9, 2, 2), 3) == (2, 3)
     with pytest.raises(ValueError, match=r"mask_patch 6 px is not a multiple of the model's patch size 4 px.*valid: 0"):
         cell_tokens(TokenGrid(7, 7, 4, 4), 6)
-    with pytest.raises(ValueError, match="larger than the image"):
+    with pytest.raises(ValueError, match="leaves a single cell"):
+        cell_tokens(TokenGrid(7, 7, 4, 4), 28)  # the whole image: MaskMix would never mix
+    with pytest.raises(ValueError, match="leaves a single cell.*at most 24"):
         cell_tokens(TokenGrid(7, 7, 4, 4), 32)
+    assert cell_tokens(TokenGrid(7, 7, 4, 4), 24) == 6  # 2 x 2 cells, the last ones one token wide
     with pytest.raises(ValueError, match="mask_patch must be >= 0"):
         methods.get("mixpro", num_classes=K, mask_patch=-4)
     # refused when the model is prepared, before any batch: one line naming the value and the choices
@@ -209,12 +212,29 @@ def test_official_recipe_and_pal_branch(vit):
     logits = out.logits.detach().requires_grad_(True)
     out.logits = logits
     loss, info = pal.loss(out, mixed)
-    alpha_d, lam_attn, lam_p = pal.pal_shares(out, mixed)
-    expected = weighted_hard_cross_entropy(logits, y, y.flip(0), 1 - lam_p)
-    torch.testing.assert_close(loss, expected)
+    # every share by hand: the CLS attention captured independently, the area as k / T
+    with torch.no_grad(), AttentionCapture(vit, (-1,), "cls") as cap:
+        vit(mixed.x)
+    a = cap[-1]
+    lam_attn = (a * mixed.partner_mask).sum(1) / a.sum(1)
+    k = mixed.extras["own_cells"]
+    assert mixed.extras["cells"] == (4, 4)
+    torch.testing.assert_close(mixed.lam_area, torch.full((6,), k / 16))
+    area_t = mix_targets(y, y.flip(0), torch.full((6,), k / 16), K, 0.1)
+    alpha = F.cosine_similarity(F.softmax(logits.detach(), -1), area_t, dim=-1)
+    lam_p = (alpha * lam_attn + (1 - alpha) * (1 - k / 16)).detach()
     by_hand = ((1 - lam_p) * F.cross_entropy(logits, y, reduction="none")
                + lam_p * F.cross_entropy(logits, y.flip(0), reduction="none")).mean()
-    torch.testing.assert_close(loss, by_hand)
+    torch.testing.assert_close(loss, by_hand)  # the value; the gradient below differs
+    expected = by_hand
+    # the switch's Mixup/CutMix batches keep their area target (the released `maskmix and ATTN`)
+    switch = methods.get("mixpro", num_classes=K, variant="official", pal=True, switch_prob=0.0)
+    switch.prepare_model(vit)
+    torch.manual_seed(2)
+    other = switch.mix(x, y)
+    assert other.kind in ("mixup", "cutmix")
+    out2 = forward_outputs(vit, switch.needs, other.x)
+    torch.testing.assert_close(switch.loss(out2, other)[0], -(other.target * F.log_softmax(out2.logits, -1)).sum(1).mean())
     g_full = torch.autograd.grad(loss, logits, retain_graph=True)[0]
     g_detached = torch.autograd.grad(expected, logits)[0]
     assert not torch.allclose(g_full, g_detached)  # the gradient also flows through alpha
@@ -222,7 +242,7 @@ def test_official_recipe_and_pal_branch(vit):
 
 def test_train_step_every_variant_finite(vit):
     for kw in ({}, {"variant": "official"}, {"variant": "official", "pal": True}, {"mask_patch": 4},
-               {"mask_patch": 28, "switch_prob": 1.0}):
+               {"mask_patch": 16, "switch_prob": 1.0}):
         torch.manual_seed(0)
         step = MixStep(vit.train(), "mixpro", **kw)
         out = step(torch.randn(5, 1, 28, 28), torch.arange(5))  # odd batch: the middle sample stays unmixed

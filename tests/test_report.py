@@ -406,3 +406,33 @@ def test_regime_table_summary_and_report(tmp_path):
     write_regime_report(root, tmp_path / "figs2")
     assert {p.name: (tmp_path / "figs2" / p.name).read_bytes() for p in paths} == first
     assert write_regime_report(tmp_path / "nothing", tmp_path / "figs3") == [] and not (tmp_path / "figs3").exists()
+
+
+def test_ablation_table_pairs_each_rule_with_its_masks_area_label(tmp_path):
+    """Hand case: mask A area 70/72/74, A+teacher 71/74/74 (diffs 1, 2, 0); mask B area 60/60/60
+    and B+pal 61/62/63 (diffs 1, 2, 3); a paper-variant area run of A is never paired with A's."""
+    from tokenmix.report import ablation_table
+    from tokenmix.report.tables import ablation_markdown
+
+    root = tmp_path / "abl"
+    cells = {("A", "area"): (70.0, 72.0, 74.0), ("A", "teacher"): (71.0, 74.0, 74.0),
+             ("B", "area"): (60.0, 60.0, 60.0), ("B", "pal"): (61.0, 62.0, 63.0)}
+    for (mask, label), finals in cells.items():
+        for s, f in enumerate(finals):
+            fake_run(root, f"{mask}-{label}-s{s}", method="compose", seed=s, final=f,
+                     method_kwargs={"mask": mask, "label": label})
+    fake_run(root, "A-area-paper-s0", method="compose", seed=0, final=99.0, variant="paper",
+             method_kwargs={"mask": "A", "label": "area"})
+    t = ablation_table(list_runs(root))
+    row = t[(t["mask"] == "A") & (t["label"] == "teacher")].iloc[0]
+    assert row.n_pairs == 3 and row.diff_mean == pytest.approx(1.0)
+    half = 4.302652729911275 * 1.0 / math.sqrt(3)  # t_{0.975, 2} * sd (= 1) / sqrt(3)
+    assert (row.ci_low, row.ci_high) == (pytest.approx(1 - half), pytest.approx(1 + half))
+    b = t[(t["mask"] == "B") & (t["label"] == "pal")].iloc[0]
+    assert b.diff_mean == pytest.approx(2.0) and b.n_pairs == 3
+    paper = t[t["mask"] == "A[paper]"]
+    assert list(paper["label"]) == ["area"] and int(paper["n_seeds"].iloc[0]) == 1  # its own family
+    ref = t[(t["mask"] == "A") & (t["label"] == "area")].iloc[0]
+    assert ref.top1_mean == pytest.approx(72.0) and ref.diff_mean == 0.0
+    md = ablation_markdown(t)
+    assert "+1.00 [" in md and "0 (reference)" in md and "| B " in md

@@ -133,7 +133,8 @@ class Compose(MixMethod):
         mask: a name of :data:`MASKS`.
         label: a name of :data:`LABELS`.
         mask_kwargs: keywords of the mask's method (e.g. ``{"cutmix_alpha": 0.5}``,
-            ``{"mask_patch": 8}``, ``{"switch_prob": 0.5}``); not ``labels``, ``loss``, ``pal``.
+            ``{"mask_patch": 8}``, ``{"switch_prob": 0.5}``, ``{"variant": "paper"}`` for this half
+            alone); not ``labels``, ``loss``, ``pal``.
         label_kwargs: keywords of the rule's method (e.g. ``{"teacher": "cnn_small"}`` for
             ``teacher``, ``{"source": "qk"}`` for ``tl_align``).
         dataset, img_size, data_dir: the training data (``RunConfig`` fills them), passed to the
@@ -157,15 +158,20 @@ class Compose(MixMethod):
         if fixed:
             raise ValueError(f"mask_kwargs may not set {', '.join(fixed)} (they choose labels, not the mask): "
                              f"pick the label rule with label= ({', '.join(LABELS)})")
+        clash = sorted(k for k, v in LABELS[label][1].items() if k in label_kwargs and label_kwargs[k] != v)
+        if clash:
+            raise ValueError(f"label_kwargs may not change {', '.join(clash)}: they make {label!r} the rule it is")
         self.mask_name, self.label_name = mask, label
         common = {"smoothing": smoothing, "variant": variant,  # and where the data lives (the teacher cache)
                   "context": {"dataset": dataset, "img_size": img_size, "data_dir": data_dir}}
         mask_method, mask_fixed = MASKS[mask]
-        self.masker = get(mask_method, num_classes=num_classes, mix_prob=mix_prob,
-                          **_variant(mask_method, common), **{**mask_fixed, **mask_kwargs})
+        # each half: the shared settings, then its fixed keywords, then the user's (``variant`` and
+        # ``smoothing`` in mask_kwargs / label_kwargs set that half alone)
+        self.masker = get(mask_method, **{"num_classes": num_classes, "mix_prob": mix_prob,
+                                          **_variant(mask_method, common), **mask_fixed, **mask_kwargs})
         label_method, label_fixed = LABELS[label]
-        self.labeller = get(label_method, num_classes=num_classes, **_variant(label_method, common),
-                            **{**label_kwargs, **label_fixed})
+        self.labeller = get(label_method, **{"num_classes": num_classes, **_variant(label_method, common),
+                                             **label_kwargs, **label_fixed})
         self.needs = _merge_needs(self.masker.needs, self.labeller.needs)
         self.idle_parameters = self.masker.idle_parameters or self.labeller.idle_parameters  # type: ignore[misc]
 
@@ -185,12 +191,16 @@ class Compose(MixMethod):
     # -- setup -------------------------------------------------------------------------------
     def setup_model(self, model: nn.Module) -> nn.Module:
         """Set both halves up on the model (neither becomes its owner: the composition is)."""
+        done: list[MixMethod] = []
         for part, role in ((self.masker, f"mask {self.mask_name!r}"), (self.labeller, f"label rule {self.label_name!r}")):
             part.grid = self.grid
             try:
                 model = part.setup_model(model)
             except (ValueError, TypeError) as e:
+                for other in done:  # nothing stays on the model of a failed preparation (e.g. SMMix's head)
+                    other.release_model(model)
                 raise ValueError(f"compose: the {role} cannot run on {type(model).__name__}: {e}") from e
+            done.append(part)
         if self.masker.grid != self.grid:
             self.masker.release_model(model)
             raise ValueError(f"compose: the mask {self.mask_name!r} mixes on the last stage's grid of "

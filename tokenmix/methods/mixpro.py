@@ -45,12 +45,14 @@ Variants
 - ``paper`` (default): MaskMix + PAL on every batch (``switch_prob=1``); the PAL target is the
   smoothed one-hots mixed with lam_p, trained with the soft-target cross-entropy; alpha is detached
   (a label carries no gradient, as every other label rule of the package).
-- ``official``: the released recipe: PAL **off** (the released DeiT configs set ``PAL_ATTN: False``,
-  and so does ``config.py``); MaskMix on half of the batches (``switch_prob=0.5``, ``MASKMIX_PROB``),
-  timm's Mixup/CutMix switch (0.8 / 1.0, switch 0.5) on the others; area target k / T. With
-  ``pal=True`` the released PAL branch: hard-label cross-entropy weighted per sample,
-  ``lam CE(z, y_own) + (1 - lam) CE(z, y_partner)`` (smoothing dropped), and alpha **not**
-  detached (the gradient reaches z through alpha too).
+- ``official``: the released recipe at the commit read (``53a229e``): PAL **off** (its DeiT configs
+  set ``PAL_ATTN: False`` since 2023-09-04, ``True`` before; ``config.py``'s default and the Swin
+  configs are off); MaskMix on half of the batches (``switch_prob=0.5``, ``MASKMIX_PROB``), timm's
+  Mixup/CutMix switch (0.8 / 1.0, switch 0.5) on the others; area target k / T. With ``pal=True``
+  the released PAL branch (the DeiT configs before 2023-09-04): on MaskMix batches only (the
+  Mixup/CutMix batches of the switch keep their area target, as the code's ``maskmix and ATTN``),
+  hard-label cross-entropy weighted per sample, ``lam CE(z, y_own) + (1 - lam) CE(z, y_partner)``
+  (smoothing dropped), and alpha **not** detached (the gradient reaches z through alpha too).
 
 Defaults: ``mask_patch=0`` picks s = ceil(grid side / 4), i.e. a 4 x 4 grid of cells as in the
 released DeiT and Swin configs (DeiT: patch 14, cell 56 at 224 px; on the CPU preset's 7 x 7 tokens
@@ -60,10 +62,9 @@ Deviations from the released code (deliberate): flip pairing instead of ``randpe
 about one sample per batch with itself); rectangular images and grids (the code assumes square
 ones); a mask size that is not a multiple of the patch is refused (the code builds a token mask of
 the wrong size and fails only inside PAL); torch's RNG; the ``math`` import the released
-``main.py`` lacks. With ``pal=True`` and the ``official`` switch, PAL also labels the CutMix batches
-(their box is a cut-and-paste mask like MaskMix's) and Mixup batches keep their area target
-(every token is a blend: the attention share equals the area share); the released configs run
-PAL off, so this combination was never shipped.
+``main.py`` lacks. Used as a label rule on another method's mask (:class:`~tokenmix.methods.Compose`),
+PAL labels every cut-and-paste batch (CutMix boxes, TokenMix blocks, SMMix windows); Mixup batches
+keep their area target (every token is a blend: the attention share equals the area share).
 
 Ambiguities of the paper and the reading taken (``paper``): the cell count is rounded up and one
 lambda is drawn per batch (as the code; a third-party reproduction rounds down and draws per
@@ -108,13 +109,14 @@ def cell_tokens(grid: TokenGrid, mask_patch: int = 0) -> int:
         raise ValueError(f"MaskMix needs square patches, the model's are {grid.patch_h}x{grid.patch_w}")
     p = grid.patch_h
     if mask_patch % p:
-        valid = ", ".join(str(p * s) for s in range(1, max(grid.rows, grid.cols) + 1))
+        valid = ", ".join(str(p * s) for s in range(1, max(2, max(grid.rows, grid.cols))))
         raise ValueError(f"mask_patch {mask_patch} px is not a multiple of the model's patch size {p} px "
                          f"(a cell must hold whole tokens); valid: 0 (auto) or {valid}")
     s = mask_patch // p
-    if s > max(grid.rows, grid.cols):
-        raise ValueError(f"mask_patch {mask_patch} px is larger than the image ({grid.img_size} px): one cell would "
-                         f"hold the whole image; use at most {p * max(grid.rows, grid.cols)}")
+    largest = max(1, max(grid.rows, grid.cols) - 1)  # the largest side that still cuts the image into 2+ cells
+    if s > largest:
+        raise ValueError(f"mask_patch {mask_patch} px leaves a single cell on the {grid.img_size} px image (MaskMix "
+                         f"would never mix); use at most {p * largest}")
     return s
 
 
@@ -248,7 +250,10 @@ class MixPro(MixMethod):
             return self.unmixed(x, y)
         if not draw_switch(self.switch_prob):
             self.mixer.grid = self.grid
-            return self.mixer.mix_batch(x, y)
+            mixed = self.mixer.mix_batch(x, y)
+            if self.variant == "official":  # the released code runs PAL on MaskMix batches only
+                mixed.extras["area_label_only"] = True
+            return mixed
         s = self.cell_side or cell_tokens(self.grid, self.mask_patch)
         return maskmix_batch(x, y, sample_lam(self.maskmix_alpha), self.grid, s, self.num_classes, self.smoothing,
                              self.variant)
@@ -257,6 +262,7 @@ class MixPro(MixMethod):
     def pal_shares(self, outputs: ModelOutputs, mixed: MixedBatch, detach: bool = True) -> tuple[Tensor, Tensor, Tensor]:
         """(alpha, lam_attn, lam_p), each (B,), of a MaskMix batch: the progressive factor, the
         partner's attention share and the PAL partner share."""
+        self.attention_reader.grid = self.grid  # also when the grid was set directly, not by prepare_model
         attn, grid = self.attention_reader.attention(outputs)
         lam_attn = self.attention_reader.partner_share(attn, mixed, grid)
         alpha = progressive_factor(outputs.logits, mixed.target)
@@ -264,12 +270,16 @@ class MixPro(MixMethod):
             alpha = alpha.detach()
         return alpha, lam_attn, pal_partner_share(alpha, lam_attn, 1.0 - mixed.lam_area)
 
+    def _pal_applies(self, mixed: MixedBatch) -> bool:
+        """PAL on: a cut-and-paste batch, not one of the ``official`` switch's Mixup/CutMix batches."""
+        return self.pal and mixed.kind not in ("none", "mixup") and not mixed.extras.get("area_label_only")
+
     def label(self, outputs: ModelOutputs, mixed: MixedBatch) -> tuple[Tensor, dict[str, float]]:
-        """The PAL target of a cut-and-paste batch (MaskMix's, or a CutMix box of the ``official``
-        switch or of another mask, see :class:`~tokenmix.methods.Compose`); Mixup and unmixed
-        batches, and every batch with ``pal=False``, keep their area target."""
+        """The PAL target of a cut-and-paste batch (MaskMix's, or another mask's, see
+        :class:`~tokenmix.methods.Compose`); Mixup and unmixed batches, the ``official`` switch's
+        Mixup/CutMix batches and every batch with ``pal=False`` keep their area target."""
         info = {"lam": float(mixed.lam_area.mean())}
-        if not self.pal or mixed.kind in ("none", "mixup"):
+        if not self._pal_applies(mixed):
             return mixed.target, info
         alpha, lam_attn, lam_p = self.pal_shares(outputs, mixed)
         target = mix_targets(mixed.y, mixed.y_partner, 1.0 - lam_p, self.num_classes, self.smoothing)
@@ -280,7 +290,7 @@ class MixPro(MixMethod):
     def loss(self, outputs: ModelOutputs, mixed: MixedBatch) -> tuple[Tensor, dict[str, float]]:
         """Soft-target CE against :meth:`label`; the released PAL branch (``official`` with
         ``pal=True``): hard CE weighted per sample, alpha with gradient."""
-        if self.variant == "official" and self.pal and mixed.kind not in ("none", "mixup"):
+        if self.variant == "official" and self._pal_applies(mixed):
             alpha, lam_attn, lam_p = self.pal_shares(outputs, mixed, detach=False)
             info = {"lam": float(mixed.lam_area.mean()), "pal_alpha": float(alpha.detach().mean()),
                     "lam_pal": float(1.0 - lam_p.detach().mean()), "lam_attn": float(1.0 - lam_attn.mean())}

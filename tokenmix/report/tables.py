@@ -185,13 +185,16 @@ ABLATION_COLUMNS: tuple[str, ...] = ("mask", "label", "model", "dataset", "n_see
 
 
 def _compose_parts(run: Run) -> tuple[str, str]:
-    """(mask, label) of a ``compose`` run, each with its keywords when it has any."""
+    """(mask, label) of a ``compose`` run, each with its keywords when it has any; the mask also with
+    the run's variant when it is not ``official`` (runs of different variants are never paired)."""
     kw = run.config.get("method_kwargs") or {}
+    variant = run.config.get("variant") or "official"
 
     def part(name: str, extra: Any) -> str:
         return name + ("{" + ",".join(f"{k}={v}" for k, v in sorted(extra.items())) + "}" if extra else "")
 
-    return (part(str(kw.get("mask", "cutmix")), kw.get("mask_kwargs")),
+    mask = part(str(kw.get("mask", "cutmix")), kw.get("mask_kwargs"))
+    return (mask if variant == "official" else f"{mask}[{variant}]",
             part(str(kw.get("label", "area")), kw.get("label_kwargs")))
 
 
@@ -250,7 +253,9 @@ def ablation_markdown(df: pd.DataFrame, reference_label: str = "area") -> str:
             + f"\nTop-1: final test top-1, mean ± sample std over seeds. Δ: mean over seeds of the paired "
               f"difference (same seed = same initial weights and data order) to the same mask with the "
               f"{reference_label} label, with its 95 % t-interval; `*` marks p < 0.05 after Holm's adjustment "
-              "over the label rules of that mask.\n")
+              "over the label rules of that mask. Each rule trains with its own criterion (in the official "
+              "variants TokenMix's teacher target with BCE, MixPro's PAL with hard-label CE; the others with "
+              "the soft-target CE of the area label), so a Δ is the rule with its loss.\n")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -88,7 +88,7 @@ def test_valid_sizes_accepted():
 @pytest.mark.parametrize("bad", [
     {"batch_size": 0}, {"batch_size": -2}, {"epochs": 0}, {"lr": 0.0}, {"min_lr": -1.0},
     {"smoothing": 1.0}, {"mix_prob": 1.5}, {"switch_prob": -0.1}, {"mixup_alpha": 0.0}, {"cutmix_alpha": -1.0},
-    {"drop_path": 1.0}, {"weight_decay": -0.1}, {"epochs": 2, "warmup_epochs": 2.0}, {"crop_padding": -2},
+    {"drop_path": 1.0}, {"weight_decay": -0.1}, {"epochs": 2, "warmup_epochs": 2.5}, {"crop_padding": -2},
     {"eval_every": 0}, {"train_subset": -1}, {"threads": -1}, {"clip_grad": -1.0},
     {"run_id": "a/b"}, {"run_id": ".."}, {"run_id": "a\\b"},
 ])

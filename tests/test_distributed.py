@@ -45,7 +45,8 @@ def test_torchrun_two_processes(tmp_path):
     # evaluation covered every test image exactly once across the two ranks (50 = 25 + 25):
     # top-1 is then a multiple of 2 %
     assert abs(metrics[-1]["top1"] * 50 / 100 - round(metrics[-1]["top1"] * 50 / 100)) < 1e-6
-    assert sorted(p.name for p in (tmp_path / "ddp").iterdir()) == ["checkpoint.pt", "config.json",
+    # the records and the run's lock file (its owner record is gone: the lock was released)
+    assert sorted(p.name for p in (tmp_path / "ddp").iterdir()) == [".lock", "checkpoint.pt", "config.json",
                                                                      "metrics.jsonl", "summary.json"]
 
 

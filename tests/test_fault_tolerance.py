@@ -151,7 +151,8 @@ def nan_from(monkeypatch, step: int, method: str | None = None) -> None:
 def test_non_finite_loss_fails_the_run_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
     nan_from(monkeypatch, step=4 + 2)  # 4 steps per epoch: epoch 2, its 2nd step (index 1)
     cfg = tiny_cfg(tmp_path, run_id="nan")
-    with pytest.raises(FloatingPointError, match=r"non-finite loss nan at epoch 2, step 1.*last good checkpoint"):
+    with pytest.raises(FloatingPointError, match=r"non-finite loss nan at epoch 2, step 1.*the checkpoint after "
+                                                 r"epoch 1 is kept"):
         train(cfg)
     run = load_run(tmp_path / "nan")
     assert run.summary["status"] == "failed" and "non-finite loss" in run.summary["error"]
@@ -159,6 +160,14 @@ def test_non_finite_loss_fails_the_run_and_keeps_the_last_good_checkpoint(tmp_pa
     ckpt = torch.load(tmp_path / "nan" / CHECKPOINT, weights_only=False)
     assert ckpt["epoch"] == 1
     assert all(torch.isfinite(v).all() for v in ckpt["model"].values() if v.is_floating_point())
+
+
+def test_non_finite_loss_in_the_first_epoch_says_no_checkpoint_exists(tmp_path, monkeypatch):
+    nan_from(monkeypatch, step=1)
+    with pytest.raises(FloatingPointError, match=r"at epoch 1, step 0; no checkpoint was written yet"):
+        train(tiny_cfg(tmp_path, run_id="nan1"))
+    assert not (tmp_path / "nan1" / CHECKPOINT).exists()
+    assert load_run(tmp_path / "nan1").summary["status"] == "failed"
 
 
 def test_sweep_goes_on_after_a_non_finite_run(tmp_path, monkeypatch):
@@ -242,7 +251,7 @@ def test_an_output_folder_holding_another_run_is_refused(tmp_path):
     before = (tmp_path / "taken" / "summary.json").read_bytes()
     with pytest.raises(RunExistsError, match="already holds a finished run.*never overwritten"):
         train(tiny_cfg(tmp_path, run_id="taken", method="mixup", epochs=1))
-    with pytest.raises(RunExistsError, match=r"cannot resume .* method \(stored 'cutmix', now 'mixup'\)"):
+    with pytest.raises(RunExistsError, match=r"cannot resume .* method \(recorded 'cutmix', now 'mixup'\)"):
         train(tiny_cfg(tmp_path, run_id="taken", method="mixup", epochs=1, resume=True))
     assert (tmp_path / "taken" / "summary.json").read_bytes() == before
 
@@ -264,5 +273,5 @@ def test_cli_reports_a_method_model_mismatch_in_one_line(tmp_path, capsys):
     rc = main(["train", "--method", "smmix", "--dataset", "synthetic", "--img_size", "4", "--out_dir", str(tmp_path),
                "--run_id", "x", "--progress", "false", "--device", "cpu"])
     err = capsys.readouterr().err
-    assert rc == 2 and err.startswith("tokenmix: error: method 'smmix'") and "Traceback" not in err
+    assert rc == 2 and err.startswith("tokenmix train: error: method 'smmix'") and "Traceback" not in err
     assert not (tmp_path / "x").exists()

@@ -14,7 +14,7 @@ from tokenmix.methods import MixPro, MixStep, forward_outputs
 from tokenmix.methods.base import TokenGrid, mix_targets, one_hot
 from tokenmix.methods.masks import sample_lam
 from tokenmix.methods.mixpro import (cell_grid, cell_tokens, maskmix_batch, own_cell_count, pal_partner_share,
-                                     progressive_factor, weighted_hard_cross_entropy)
+                                     progressive_factor)
 from tokenmix.models import AttentionCapture, create_model
 
 K = 10

@@ -115,7 +115,7 @@ def test_fmnist_study_grid_is_the_chosen_regime_with_three_seeds_and_a_core():
     assert sorted({c.config.seed for c in grid.cells}) == [0, 1, 2]
     assert {(c.config.model, c.config.train_subset, c.config.epochs, c.config.hflip, c.config.crop_padding)
             for c in grid.cells} == {("vit_cpu", 1000, 60, False, 0)}
-    assert grid.out_dir == "results/fmnist_cpu"
+    assert grid.out_dir == str(REPO.resolve() / "results" / "fmnist_cpu")
     assert all(c.config.checkpoint_every == 10 for c in grid.cells if c.label == "cutmix")  # label fidelity
     core = load_grid(REPO / "configs" / "fmnist_cpu.yaml", extended=False)
     assert len(core.cells) == 21
@@ -128,7 +128,7 @@ def test_ablation_grid_pairs_every_rule_with_its_masks_area_label_on_the_study_p
 
     grid = load_grid(REPO / "configs" / "fmnist_ablation.yaml")
     study = load_grid(REPO / "configs" / "fmnist_cpu.yaml")
-    assert len(grid.cells) == 33 and grid.out_dir == "results/fmnist_ablation"
+    assert len(grid.cells) == 33 and grid.out_dir == str(REPO.resolve() / "results" / "fmnist_ablation")
     pairs = {(c.config.method_kwargs["mask"], c.config.method_kwargs["label"]) for c in grid.cells}
     assert {m for m, _ in pairs} == {m for m, lab in pairs if lab == "area"}  # every mask has its area reference
     assert {c.config.method for c in grid.cells} == {"compose"}

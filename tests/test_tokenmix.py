@@ -176,7 +176,7 @@ def test_block_shapes_paper_min_block(monkeypatch):
     m = scaled_min_tokens(49)
     assert m == 4
     draws = _draw_blocks(monkeypatch, 7, 7, paper_token_count(49, 0.5), m, 400)
-    shapes = _check_blocks(7, 7, 24, m, draws)
+    _check_blocks(7, 7, 24, m, draws)
     first = [blocks[0] for _, blocks in draws if blocks]  # drawn with 24 tokens remaining: a >= 4
     assert min((b - t) * (r - le) for t, b, le, r in first) >= 3  # 1x1, 1x2 ((h+1/2)(w+1/2) < 4) impossible
     # with a floor of 1 the first block is sometimes a single token

@@ -13,23 +13,30 @@ Examples::
     python -m tokenmix teacher --dataset fashion_mnist --img_size 28   # TokenMix teacher-map cache
     python -m tokenmix train --method tokenmix                          # ... then train with it
     python -m tokenmix sweep configs/fmnist_cpu.yaml    # a grid of runs (papermill); --smoke, --dry-run
+    python -m tokenmix train --method transmix --dry-run    # validate, say what would happen, write nothing
+
+Bad input (an unknown value, a missing dataset, a device this machine lacks, a run another
+process holds, a damaged record) ends in one line ``tokenmix: error: ...`` and exit code 2, before
+anything is written; ``--debug`` (or ``TOKENMIX_DEBUG=1``) shows the traceback too.
 """
 from __future__ import annotations
 
 import argparse
 import dataclasses
 import json
+import os
 import sys
 import typing
+import warnings
 
 from tokenmix import methods
 from tokenmix.analysis.bench import format_results, run_suite, step_time_ratios
 from tokenmix.methods.teacher_maps import DEFAULT_TEACHER, TeacherCacheError
 from tokenmix.models import CCT_PRESETS, CNN_PRESETS, PRESETS, TIMM_FAMILIES, TINY_MODELS, available_models
 from tokenmix.report import main as report_main
-from tokenmix.train.config import ConfigError, RunConfig
-from tokenmix.train.engine import train
-from tokenmix.train.runs import RunExistsError
+from tokenmix.train.config import CliParser, ConfigError, RunConfig
+from tokenmix.train.engine import plan_run, train
+from tokenmix.train.runs import DamagedRecordError, RecordWarning, RunExistsError, RunLockedError
 from tokenmix.train.sweep import main as sweep_main
 from tokenmix.train.teacher import build_teacher_maps
 
@@ -55,8 +62,8 @@ def _parse_dict(s: str) -> dict:
 
 def config_parser(prog: str = "python -m tokenmix train") -> argparse.ArgumentParser:
     """An argparse parser with one ``--field`` per RunConfig field (typed; defaults left unset)."""
-    p = argparse.ArgumentParser(prog=prog, description="Train one run (fields of tokenmix.RunConfig).",
-                                argument_default=argparse.SUPPRESS, allow_abbrev=False)
+    p = CliParser(prog=prog, description="Train one run (fields of tokenmix.RunConfig).",
+                  argument_default=argparse.SUPPRESS, allow_abbrev=False)
     hints = typing.get_type_hints(RunConfig)
     for f in dataclasses.fields(RunConfig):
         t = hints[f.name]
@@ -67,7 +74,7 @@ def config_parser(prog: str = "python -m tokenmix train") -> argparse.ArgumentPa
 
 
 def _bench(argv: list[str]) -> int:
-    p = argparse.ArgumentParser(
+    p = CliParser(
         prog="python -m tokenmix bench",
         description="Training-step time and peak memory of the methods relative to CutMix (one process, methods "
                     "interleaved). Without --methods: the full suite (every method on the CPU preset and on a "
@@ -107,7 +114,7 @@ def _bench(argv: list[str]) -> int:
 
 
 def _teacher(argv: list[str]) -> int:
-    p = argparse.ArgumentParser(prog="python -m tokenmix teacher",
+    p = CliParser(prog="python -m tokenmix teacher",
                                 description="Train (or load) a teacher and cache its top-k class activation maps "
                                             "for TokenMix labels (one cache per dataset, resolution and teacher).")
     p.add_argument("--dataset", default="fashion_mnist")
@@ -133,8 +140,44 @@ def _teacher(argv: list[str]) -> int:
     return 0
 
 
+#: errors that are the user's input or the state of their files: one line and exit code 2
+USER_ERRORS: tuple[type[BaseException], ...] = (ConfigError, RunExistsError, RunLockedError, TeacherCacheError,
+                                                DamagedRecordError, FileNotFoundError)
+
+
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    if issubclass(category, RecordWarning):
+        print(f"tokenmix: warning: {message}", file=sys.stderr)
+    else:
+        _default_showwarning(message, category, filename, lineno, file, line)
+
+
+_default_showwarning = warnings.showwarning
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv or os.environ.get("TOKENMIX_DEBUG", "") not in ("", "0")
+    argv = [a for a in argv if a != "--debug"]
+    warnings.showwarning = _show_warning
+    try:
+        return _dispatch(argv)
+    except USER_ERRORS as e:
+        if debug:
+            raise
+        cmd = argv[0] if argv else ""
+        print(f"tokenmix{' ' + cmd if cmd else ''}: error: {' '.join(str(e).split())}", file=sys.stderr)
+        return 2
+    except FloatingPointError as e:  # a run that diverged: its record says failed; not an input error
+        if debug:
+            raise
+        print(f"tokenmix{' ' + argv[0] if argv else ''}: run failed: {' '.join(str(e).split())}", file=sys.stderr)
+        return 1
+    finally:
+        warnings.showwarning = _default_showwarning
+
+
+def _dispatch(argv: list[str]) -> int:
     commands = ("train", "methods", "models", "report", "bench", "teacher", "sweep")
     if not argv or argv[0] in ("-h", "--help"):
         print(__doc__)
@@ -168,17 +211,18 @@ def main(argv: list[str] | None = None) -> int:
         return sweep_main(rest)
     if cmd == "report":
         return report_main(rest)
-    args = vars(config_parser().parse_args(rest))
-    try:
-        cfg = RunConfig.from_dict(args)
-    except ConfigError as e:
-        print(f"tokenmix: error: {e}", file=sys.stderr)
-        return 2
-    try:
-        train(cfg)
-    except (ConfigError, RunExistsError, TeacherCacheError) as e:  # bad input: one line, no traceback
-        print(f"tokenmix: error: {e}", file=sys.stderr)
-        return 2
+    parser = config_parser()
+    parser.add_argument("--dry-run", dest="dry_run", action="store_true",
+                        help="validate everything train would check, say what it would do, write nothing")
+    args = vars(parser.parse_args(rest))
+    dry = args.pop("dry_run", False)
+    cfg = RunConfig.from_dict(args)
+    if dry:
+        state = plan_run(cfg)
+        where = f"{cfg.out_dir}/{cfg.run_id}" if cfg.run_id else f"{cfg.out_dir}/<new timestamped run id>"
+        print(f"tokenmix train: valid; {where}: {state}")
+        return 0
+    train(cfg)
     return 0
 
 

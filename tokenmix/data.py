@@ -65,15 +65,20 @@ class DatasetInfo:
     mean: tuple[float, ...]
     std: tuple[float, ...]
     classes: tuple[str, ...] = ()
+    num_train: int = 0  # images of the full training split (0: an image folder, counted when loaded)
+    num_test: int = 0
 
 
 INFO: dict[str, DatasetInfo] = {
-    "fashion_mnist": DatasetInfo("fashion_mnist", 10, 1, 28, (0.2860,), (0.3530,), FASHION_MNIST_CLASSES),
-    "cifar10": DatasetInfo("cifar10", 10, 3, 32, (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
-    "cifar100": DatasetInfo("cifar100", 100, 3, 32, (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)),
+    "fashion_mnist": DatasetInfo("fashion_mnist", 10, 1, 28, (0.2860,), (0.3530,), FASHION_MNIST_CLASSES,
+                                 num_train=60000, num_test=10000),
+    "cifar10": DatasetInfo("cifar10", 10, 3, 32, (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616),
+                           num_train=50000, num_test=10000),
+    "cifar100": DatasetInfo("cifar100", 100, 3, 32, (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762),
+                            num_train=50000, num_test=10000),
     "imagenet": DatasetInfo("imagenet", 1000, 3, 224, IMAGENET_MEAN, IMAGENET_STD),
     "synthetic": DatasetInfo("synthetic", 10, 3, 32, (0.5, 0.5, 0.5), (0.25, 0.25, 0.25),
-                             tuple(f"colour{k}" for k in range(10))),
+                             tuple(f"colour{k}" for k in range(10)), num_train=512, num_test=128),
 }
 
 
@@ -123,7 +128,7 @@ def load_fashion_mnist(data_dir: str | Path, train: bool, download: bool = False
         try:
             FashionMNIST(str(data_dir), train=train, download=True)
         except Exception as e:  # network errors and the like
-            raise RuntimeError(f"Fashion-MNIST download into {data_dir} failed ({e}); install the Debian "
+            raise FileNotFoundError(f"Fashion-MNIST download into {data_dir} failed ({e}); install the Debian "
                                f"package dataset-fashion-mnist (`make setup` does it as root)") from e
         img, lab = _find_idx(dirs, f"{prefix}-images-idx3-ubyte"), _find_idx(dirs, f"{prefix}-labels-idx1-ubyte")
     if img is None or lab is None:
@@ -133,12 +138,44 @@ def load_fashion_mnist(data_dir: str | Path, train: bool, download: bool = False
     return read_idx(img).unsqueeze(1), read_idx(lab).long()
 
 
+def check_dataset(dataset: str, data_dir: str | Path = "data", download: bool = True) -> None:
+    """Check that a dataset can be loaded, without loading it: its files are where
+    :func:`build_datasets` looks (or ``download`` will fetch them). Raises FileNotFoundError
+    naming the expected layout."""
+    info, root = dataset_info(dataset), Path(data_dir)
+    if dataset == "fashion_mnist":
+        dirs = fashion_mnist_dirs(root)
+        found = all(_find_idx(dirs, f"{s}-{k}-idx{d}-ubyte") for s in ("train", "t10k")
+                    for k, d in (("images", 3), ("labels", 1)))
+        if not found and not download:
+            raise FileNotFoundError(f"Fashion-MNIST idx files (train/t10k-images-idx3-ubyte[.gz], ...-labels-idx1-ubyte"
+                                    f"[.gz]) not found in {', '.join(map(str, dirs))}; install the Debian package "
+                                    f"dataset-fashion-mnist (`make setup`) or pass download=True")
+    elif dataset in ("cifar10", "cifar100"):
+        sub = root / ("cifar-10-batches-py" if info.num_classes == 10 else "cifar-100-python")
+        if not sub.is_dir() and not download:
+            raise FileNotFoundError(f"{dataset} folder {sub} not found (torchvision's python layout: "
+                                    f"{sub.name}/{'data_batch_1..5, test_batch' if info.num_classes == 10 else 'train, test'}); "
+                                    f"set data_dir to its parent or pass download=True")
+    elif dataset == "imagenet":
+        for split in ("train", "val"):
+            d = root / split
+            if not d.is_dir() or not any(c.is_dir() for c in d.iterdir()):
+                raise FileNotFoundError(f"ImageNet folder {d} not found or without class folders; set data_dir to "
+                                        f"a folder with train/<class>/*.JPEG and val/<class>/*.JPEG "
+                                        f"(e.g. data_dir=/data/imagenet)")
+
+
 def load_cifar(data_dir: str | Path, num_classes: int, train: bool, download: bool = False) -> tuple[Tensor, Tensor]:
     """CIFAR-10/100 from torchvision's python pickle layout (no checksum: generated files work)."""
     sub = "cifar-10-batches-py" if num_classes == 10 else "cifar-100-python"
     root = Path(data_dir) / sub
     if not root.is_dir() and download:
-        (CIFAR10 if num_classes == 10 else CIFAR100)(str(data_dir), train=train, download=True)
+        try:
+            (CIFAR10 if num_classes == 10 else CIFAR100)(str(data_dir), train=train, download=True)
+        except Exception as e:  # noqa: BLE001 -- network errors and the like
+            raise FileNotFoundError(f"CIFAR-{num_classes} download into {data_dir} failed ({e}); put torchvision's "
+                                    f"python archive, extracted, at {root}") from e
     if not root.is_dir():
         raise FileNotFoundError(f"{root} not found; pass download=True (needs internet) or put the "
                                 f"torchvision CIFAR-{num_classes} python archive there")

@@ -15,7 +15,6 @@ The notebooks show the same functions' figures.
 """
 from __future__ import annotations
 
-import argparse
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -27,6 +26,7 @@ from tokenmix.report.study import MAIN_TABLES, paper_table_markdown, write_study
 from tokenmix.report.tables import (ablation_markdown, ablation_table, markdown_table, mixed_targets_table, paired_table, results_display,
                                     results_markdown, results_table, summary_table)
 from tokenmix.report.tokenmix import OCCLUSION_METHODS, write_tokenmix_occlusion
+from tokenmix.train.config import CliParser
 from tokenmix.train.runs import list_runs
 
 #: files written by :func:`main` into the figures folder
@@ -110,8 +110,7 @@ def fill_readme(readme: str | Path, figures_dir: str | Path, runs_dir: str | Pat
 
 def main(argv: Sequence[str] | None = None) -> int:
     """``python -m tokenmix report [--runs DIR] [--figures DIR]``; returns the exit code."""
-    p = argparse.ArgumentParser(prog="python -m tokenmix report",
-                                description="Figures and results tables from the run records.")
+    p = CliParser(prog="python -m tokenmix report", description="Figures and results tables from the run records.")
     p.add_argument("--runs", default="runs", metavar="DIR", help="folder of run records (default: runs)")
     p.add_argument("--figures", default="figures", metavar="DIR", help="output folder (default: figures)")
     p.add_argument("--data_dir", default="data", metavar="DIR",

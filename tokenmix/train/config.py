@@ -6,11 +6,17 @@ The papermill ``parameters`` cell of ``notebooks/10_train.ipynb`` and ``python -
 """
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import json
+import math
+import re
+import sys
 import typing
 from dataclasses import dataclass, field
 from typing import Any
+
+from timm.data.auto_augment import rand_augment_transform
 
 from tokenmix import methods
 from tokenmix.data import DATASETS, dataset_info
@@ -19,6 +25,18 @@ from tokenmix.models import patch_size_for
 
 class ConfigError(ValueError):
     """An invalid run configuration (the message names the bad value and the valid choices)."""
+
+
+#: the largest token grid a run may ask for (side x side tokens), e.g. 384 px at patch 4 is 96 x 96
+MAX_TOKENS = 96 * 96
+
+
+class CliParser(argparse.ArgumentParser):
+    """An ``argparse`` parser whose errors are one line (``<prog>: error: ...; see --help``) and exit 2."""
+
+    def error(self, message: str) -> typing.NoReturn:
+        print(f"{self.prog}: error: {message}; see --help", file=sys.stderr)
+        raise SystemExit(2)
 
 
 @dataclass
@@ -59,7 +77,7 @@ class RunConfig:
     batch_size: int = 64  # global batch (split across processes under torchrun)
     lr: float = 2e-3
     min_lr: float = 1e-5
-    warmup_epochs: float = 1.0
+    warmup_epochs: float = 1.0  # in [0, epochs]; = epochs: the whole run warms up (no cosine phase)
     warmup_lr: float = 1e-6
     weight_decay: float = 0.05
     drop_path: float = 0.0
@@ -71,7 +89,7 @@ class RunConfig:
     threads: int = 0  # torch CPU threads; 0 = torch's default
     eval_every: int = 1
     checkpoint_every: int = 0  # also keep the weights of every N-th epoch (checkpoint-e<epoch>.pt); 0 = off
-    eval_train: int = 0  # also evaluate the first N training images un-augmented (train/test gap); 0 = off
+    eval_train: int = 0  # also evaluate the first N training images (all if fewer) un-augmented (train/test gap); 0 = off
     out_dir: str = "runs"
     run_id: str = ""  # "" = <dataset>-<model>-<method>-s<seed>-<timestamp>
     resume: bool = False  # continue an interrupted run (or return a finished one) with this run_id
@@ -86,6 +104,12 @@ class RunConfig:
     @classmethod
     def field_names(cls) -> list[str]:
         return [f.name for f in dataclasses.fields(cls)]
+
+    @classmethod
+    def defaults(cls) -> dict[str, Any]:
+        """{field: default value} (``variant`` unresolved)."""
+        return {f.name: f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+                for f in dataclasses.fields(cls)}
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "RunConfig":
@@ -118,6 +142,8 @@ class RunConfig:
             ok = isinstance(v, t) and not (t in (int, float) and isinstance(v, bool))
             if not ok:
                 raise ConfigError(f"RunConfig.{f.name} must be {t.__name__}, got {v!r} ({type(v).__name__})")
+            if t is float and not math.isfinite(v):
+                raise ConfigError(f"RunConfig.{f.name} = {v!r} is invalid: must be a finite number")
 
         def choice(name: str, value: str, valid: typing.Iterable[str]) -> None:
             valid = list(valid)
@@ -131,6 +157,9 @@ class RunConfig:
         choice("cutmix_snap", self.cutmix_snap, ("pixel", "token"))
         if not (self.device in ("auto", "cpu", "cuda", "mps") or self.device.startswith("cuda:")):
             raise ConfigError(f"unknown device {self.device!r}; valid: auto, cpu, cuda, cuda:N, mps")
+        if self.patch_size < 0:
+            raise ConfigError(f"RunConfig.patch_size = {self.patch_size} is invalid: must be >= 1, or 0 for the "
+                              f"model's default")
         try:
             p = patch_size_for(self.model, self.img_size, self.patch_size or None)
         except ValueError as e:
@@ -138,7 +167,12 @@ class RunConfig:
         if self.img_size <= 0 or self.img_size % p:
             valid = [s for s in range(max(p, self.img_size - 2 * p), self.img_size + 2 * p + 1) if s % p == 0]
             raise ConfigError(f"img_size {self.img_size} is not divisible by the patch size {p} of model "
-                              f"{self.model!r}; valid nearby sizes: {', '.join(map(str, valid))}")
+                              f"{self.model!r}; valid nearby sizes: {', '.join(map(str, valid[:8]))}")
+        if (self.img_size // p) ** 2 > MAX_TOKENS:
+            side = math.isqrt(MAX_TOKENS)
+            raise ConfigError(f"img_size {self.img_size} at patch size {p} makes {(self.img_size // p) ** 2} tokens, "
+                              f"more than the {MAX_TOKENS} supported; valid: img_size <= {side * p} for model "
+                              f"{self.model!r}, or a larger patch_size")
         params = methods.parameters(self.method)
         bad = sorted(set(self.method_kwargs) - set(params))
         if bad:
@@ -154,7 +188,7 @@ class RunConfig:
         checks = [
             ("epochs", self.epochs >= 1, ">= 1"), ("batch_size", self.batch_size >= 1, ">= 1"),
             ("lr", self.lr > 0, "> 0"), ("min_lr", self.min_lr >= 0, ">= 0"),
-            ("warmup_epochs", 0 <= self.warmup_epochs < self.epochs or self.warmup_epochs == 0, "in [0, epochs)"),
+            ("warmup_epochs", 0 <= self.warmup_epochs <= self.epochs, "in [0, epochs]"),
             ("weight_decay", self.weight_decay >= 0, ">= 0"), ("drop_path", 0 <= self.drop_path < 1, "in [0, 1)"),
             ("smoothing", 0 <= self.smoothing < 1, "in [0, 1)"), ("mix_prob", 0 <= self.mix_prob <= 1, "in [0, 1]"),
             ("switch_prob", 0 <= self.switch_prob <= 1, "in [0, 1]"),
@@ -163,16 +197,40 @@ class RunConfig:
             ("num_workers", self.num_workers >= 0, ">= 0"), ("threads", self.threads >= 0, ">= 0"),
             ("eval_every", self.eval_every >= 1, ">= 1"), ("eval_train", self.eval_train >= 0, ">= 0 (0 = off)"),
             ("checkpoint_every", self.checkpoint_every >= 0, ">= 0 (0 = off)"), ("clip_grad", self.clip_grad >= 0, ">= 0 (0 = off)"),
-            ("crop_padding", self.crop_padding >= -1, ">= 0, or -1 for img_size // 8"),
+            ("crop_padding", -1 <= self.crop_padding <= self.img_size, "in [0, img_size], or -1 for img_size // 8"),
+            ("seed", 0 <= self.seed < 2**32, "in [0, 2**32)"), ("warmup_lr", self.warmup_lr >= 0, ">= 0"),
+            ("threads", self.threads <= 1024, "in [0, 1024]"), ("num_workers", self.num_workers <= 256, "in [0, 256]"),
         ]
         for name, ok, rule in checks:
             if not ok:
                 raise ConfigError(f"RunConfig.{name} = {getattr(self, name)!r} is invalid: must be {rule}")
-        if self.eval_train and self.dataset == "imagenet":
-            raise ConfigError("RunConfig.eval_train needs an in-memory dataset; valid datasets: "
-                              + ", ".join(d for d in DATASETS if d != "imagenet"))
-        if self.run_id and any(c in self.run_id for c in "/\\") or self.run_id in (".", ".."):
-            raise ConfigError(f"run_id {self.run_id!r} must be a plain folder name (no '/')")
+        info = dataset_info(self.dataset)
+        in_memory = [d for d in DATASETS if dataset_info(d).num_train]
+        for name in ("train_subset", "test_subset", "eval_train"):
+            if getattr(self, name) and not info.num_train:
+                raise ConfigError(f"RunConfig.{name} needs an in-memory dataset, not the image folder {self.dataset!r}; "
+                                  f"valid datasets: {', '.join(in_memory)}")
+        n_train = self.train_subset or info.num_train
+        for name, size, split in (("train_subset", info.num_train, "training"), ("test_subset", info.num_test, "test")):
+            if getattr(self, name) > size > 0:
+                raise ConfigError(f"RunConfig.{name} = {getattr(self, name)} is more than the {size} images of "
+                                  f"{self.dataset}'s {split} split; valid: 0 (all) to {size}")
+        if n_train and n_train < self.batch_size:
+            raise ConfigError(f"RunConfig.batch_size = {self.batch_size} is more than the {n_train} training images "
+                              f"(train_subset {self.train_subset or 'all'}); valid: batch_size <= {n_train}, or a "
+                              f"larger train_subset")
+        if self.randaugment:
+            try:  # the spec is parsed by timm (an unknown op or a malformed part raises)
+                rand_augment_transform(self.randaugment, {})
+            except Exception as e:  # noqa: BLE001 -- timm raises several types for a bad spec
+                raise ConfigError(f"RunConfig.randaugment {self.randaugment!r} is not a timm RandAugment spec ({e}); "
+                                  f"valid: '' (off) or e.g. 'rand-m9-mstd0.5-inc1'") from None
+        if self.run_id and not re.fullmatch(r"[\w.+=,@:-]{1,200}", self.run_id) or self.run_id.startswith("."):
+            raise ConfigError(f"run_id {self.run_id!r} must be a plain folder name: 1-200 letters, digits or "
+                              f"._+=,@:- not starting with '.'")
+        for name in ("out_dir", "data_dir"):
+            if "\x00" in getattr(self, name):
+                raise ConfigError(f"RunConfig.{name} {getattr(self, name)!r} must be a path (no NUL character)")
 
     def method_params(self, num_classes: int) -> dict[str, Any]:
         """Constructor arguments for ``methods.get(self.method, ...)``: every config field whose

@@ -18,6 +18,7 @@ import resource
 import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -34,17 +35,16 @@ from torch.utils.data import DataLoader, RandomSampler, Sampler
 from tqdm import tqdm
 
 from tokenmix import methods
-from tokenmix.data import (build_datasets, clean_train_view, dataset_info, num_classes_of, random_meta,
-                           with_sample_meta)
+from tokenmix.data import (build_datasets, check_dataset, clean_train_view, dataset_info, num_classes_of,
+                           random_meta, with_sample_meta)
 from tokenmix.methods import MixMethod, MixStep, StepOutput
 from tokenmix.models import count_parameters, create_model
 from tokenmix.train.config import ConfigError, RunConfig
-from tokenmix.train.runs import (CHECKPOINT, CONFIG, METRICS, SUMMARY, RunExistsError, atomic_torch_save,
-                                 atomic_write_json, epoch_checkpoint_name, git_commit, load_run, write_metrics)
+from tokenmix.train.runs import (CHECKPOINT, CONFIG, METRICS, SUMMARY, RunExistsError, RunLockedError,
+                                 atomic_torch_save, atomic_write_json, claim_run, config_diff, epoch_checkpoint_name,
+                                 format_diff, git_commit, load_checkpoint, load_run, lock_holder, write_metrics)
 
 EpochCallback = Callable[[int, dict[str, Any]], None]
-#: config fields that may differ when resuming (they do not change the result)
-RESUME_FREE = ("resume", "progress", "num_workers", "threads", "device", "data_dir", "download", "epochs", "out_dir")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -75,15 +75,27 @@ def init_distributed(device_type: str) -> DistInfo:
     return DistInfo(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))
 
 
+def available_devices() -> list[str]:
+    """The device names this machine can run on: ``cpu``, ``cuda:0`` ... and ``mps`` when present."""
+    out = ["cpu"] + [f"cuda:{i}" for i in range(torch.cuda.device_count() if torch.cuda.is_available() else 0)]
+    mps = getattr(torch.backends, "mps", None)
+    return out + (["mps"] if mps is not None and mps.is_available() else [])
+
+
 def resolve_device(name: str, local_rank: int = 0) -> torch.device:
-    """``auto`` -> CUDA (the local rank's GPU) when available, else CPU."""
+    """``auto`` -> CUDA (the local rank's GPU) when available, else CPU; ``cuda`` -> the local rank's GPU.
+
+    Raises:
+        ConfigError: the device is not on this machine (the message lists the available ones).
+    """
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
-    if name == "cuda":
-        if not torch.cuda.is_available():
-            raise RuntimeError("device 'cuda' requested but CUDA is not available; use device='auto' or 'cpu'")
-        return torch.device("cuda", local_rank)
-    return torch.device(name)
+    have = available_devices()
+    want = f"cuda:{local_rank}" if name == "cuda" else name
+    if want not in have:
+        raise ConfigError(f"device {name!r} is not available on this machine; available: auto, "
+                          + ", ".join(have + (["cuda"] if "cuda:0" in have else [])))
+    return torch.device(want)
 
 
 def seed_everything(seed: int) -> None:
@@ -187,11 +199,13 @@ def default_run_id(cfg: RunConfig) -> str:
 
 
 def open_run_dir(cfg: RunConfig) -> tuple[Path, str]:
-    """Decide what to do with ``<out_dir>/<run_id>``: "new", "resume" or "done".
+    """Decide what to do with ``<out_dir>/<run_id>``: "new", "resume" or "done". Reads only.
 
     A folder holding a run is never overwritten: without ``resume`` it raises
-    :class:`RunExistsError`; with ``resume`` the stored config must match (up to ``RESUME_FREE``).
-    A folder with no ``config.json`` (e.g. only a papermill notebook) counts as empty.
+    :class:`RunExistsError`; with ``resume`` the stored config must match in every field that
+    changes the result (all but ``RESUME_FREE``; ``epochs`` included, so a finished run is never
+    extended or retrained), else :class:`RunExistsError` names the differing fields. A folder
+    with no ``config.json`` (e.g. only a papermill notebook) counts as empty.
     """
     path = Path(cfg.out_dir) / cfg.run_id
     if not (path / CONFIG).is_file():
@@ -201,14 +215,24 @@ def open_run_dir(cfg: RunConfig) -> tuple[Path, str]:
         what = "a finished run" if run.complete else "an unfinished run"
         raise RunExistsError(f"{path} already holds {what}; pass resume=True to continue or reuse it, "
                              f"or choose another run_id / out_dir (results are never overwritten)")
-    diff = {k: (run.config.get(k), v) for k, v in cfg.to_dict().items()
-            if k not in RESUME_FREE and run.config.get(k) != v}
+    diff = config_diff(run.config, cfg.to_dict(), RunConfig.defaults())
     if diff:
-        raise RunExistsError(f"cannot resume {path}: its config differs in "
-                             + ", ".join(f"{k} (stored {a!r}, now {b!r})" for k, (a, b) in diff.items()))
-    if run.complete and run.summary.get("epochs") == cfg.epochs:
+        raise RunExistsError(f"cannot resume {path}: its recorded config differs in {format_diff(diff)}; "
+                             f"choose another run_id / out_dir for the new settings (results are never overwritten)")
+    if run.complete:
         return path, "done"
     return path, "resume"
+
+
+def plan_run(cfg: RunConfig) -> str:
+    """What ``train(cfg)`` would do, checked as ``train`` checks it and writing nothing: "new",
+    "resume", "done" or "busy: <owner>" (another process holds the run). Raises what ``train``
+    would raise for bad input (``ConfigError``, ``RunExistsError``, ``TeacherCacheError``, ...)."""
+    resolve_device(cfg.device)
+    preflight(cfg)
+    path, state = open_run_dir(cfg) if cfg.run_id else (None, "new")
+    owner = lock_holder(path) if path is not None else None
+    return state if owner is None else f"busy: {owner.get('pid')} on {owner.get('host')}"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -235,7 +259,7 @@ def check_batch(batch_size: int, world_size: int = 1) -> int:
 
 def preflight(cfg: RunConfig, world_size: int = 1, method: MixMethod | None = None) -> None:
     """Check everything about ``cfg`` that can be checked before any work starts (no data loaded,
-    nothing written): the method's parameters against the model (token grid, window and block
+    nothing written): the dataset's files (:func:`tokenmix.data.check_dataset`), the method's parameters against the model (token grid, window and block
     sizes, layer indices), the per-process batch, the method's inputs (TokenMix's teacher cache:
     present, and built from the same training images) and one dry training step of the method on
     random data (no backward). The global RNG state is left untouched.
@@ -252,6 +276,10 @@ def preflight(cfg: RunConfig, world_size: int = 1, method: MixMethod | None = No
     info = dataset_info(cfg.dataset)
     what = f"method {cfg.method!r} ({cfg.variant}) with model {cfg.model!r} at {cfg.img_size} px"
     per = check_batch(cfg.batch_size, world_size)
+    try:
+        check_dataset(cfg.dataset, cfg.data_dir, cfg.download)
+    except FileNotFoundError as e:
+        raise ConfigError(str(e)) from None
     with torch.random.fork_rng(devices=[]):
         method = method or build_method(cfg, info.num_classes)
         try:
@@ -294,17 +322,49 @@ def train(cfg: RunConfig, callbacks: Sequence[EpochCallback] = ()) -> dict[str, 
             dist.broadcast_object_list(rid, src=0)
         cfg = cfg.replace(run_id=rid[0])
     run_dir, state = open_run_dir(cfg)
-    if state == "done":
+    if state == "done":  # a complete record never changes: no lock needed to read it
         if dinfo.is_main:
             print(f"[tokenmix] {run_dir} is already complete; returning its summary")
         return load_run(run_dir).summary
     method = build_method(cfg, dataset_info(cfg.dataset).num_classes)  # the run's one method object
     preflight(cfg, dinfo.world_size, method)  # bad input fails here, before data is loaded or files written
+    with _hold(run_dir, dinfo):
+        run_dir, state = open_run_dir(cfg)  # again under the lock: another process may have finished it
+        if state == "done":
+            return load_run(run_dir).summary
+        return _train(cfg, callbacks, dinfo, device, method, run_dir, state)
+
+
+@contextmanager
+def _hold(run_dir: Path, dinfo: DistInfo) -> Iterator[None]:
+    """Rank 0 holds the run folder's lock (:func:`claim_run`) for the whole run; every rank learns
+    whether it got it, so a refused run stops on all ranks with the same message."""
+    with ExitStack() as stack:
+        error = [""]
+        if dinfo.is_main:
+            try:
+                stack.enter_context(claim_run(run_dir))
+            except RunLockedError as e:
+                error = [str(e)]
+        if dinfo.enabled:
+            dist.broadcast_object_list(error, src=0)
+        if error[0]:
+            raise RunLockedError(error[0])
+        yield
+
+
+def _train(cfg: RunConfig, callbacks: Sequence[EpochCallback], dinfo: DistInfo, device: torch.device,
+           method: MixMethod, run_dir: Path, state: str) -> dict[str, Any]:
+    """The body of :func:`train`, with the run folder held."""
     seed_everything(cfg.seed)
     train_ds, test_ds, dinfo_data = build_datasets(
         cfg.dataset, cfg.img_size, cfg.data_dir, cfg.download, cfg.train_subset, cfg.test_subset,
         cfg.crop_padding, cfg.hflip, cfg.randaugment)
     num_classes = num_classes_of(train_ds, dinfo_data)
+    steps_per_epoch = len(train_ds) // cfg.batch_size
+    if steps_per_epoch < 1:  # an image folder (the in-memory sizes are checked by RunConfig)
+        raise ConfigError(f"the training set ({len(train_ds)} images) is smaller than one batch ({cfg.batch_size}); "
+                          f"valid: batch_size <= {len(train_ds)}")
     model = create_model(cfg.model, num_classes, cfg.img_size, dinfo_data.in_chans,
                          patch_size=cfg.patch_size or None, drop_path_rate=cfg.drop_path)
     if num_classes != method.num_classes:
@@ -315,14 +375,13 @@ def train(cfg: RunConfig, callbacks: Sequence[EpochCallback] = ()) -> dict[str, 
             cfg.crop_padding, cfg.hflip, cfg.randaugment, train_meta=True)[0]
     step = MixStep(model.to(device), method, amp=cfg.amp and device.type == "cuda").to(device)  # methods may read the device
     model = step.model
-    method.prepare_training()  # before the run folder exists: a missing input leaves no half-made run
+    method.prepare_training()  # before the record is written: a missing input leaves no half-made run
     if dinfo.enabled:
         dist.barrier()
     if dinfo.is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
         if state == "new":
             atomic_write_json(run_dir / CONFIG, cfg.to_dict())
-        for tmp in run_dir.glob(".*.tmp"):  # left by a process killed while writing a file
+        for tmp in run_dir.glob(".*.tmp"):  # left by a process killed while writing (we hold the lock)
             tmp.unlink(missing_ok=True)
 
     net: nn.Module = step
@@ -331,9 +390,6 @@ def train(cfg: RunConfig, callbacks: Sequence[EpochCallback] = ()) -> dict[str, 
                                                   find_unused_parameters=step.find_unused_parameters)
 
     per_rank = cfg.batch_size // dinfo.world_size
-    steps_per_epoch = len(train_ds) // cfg.batch_size
-    if steps_per_epoch < 1:
-        raise ValueError(f"the training set ({len(train_ds)} images) is smaller than one batch ({cfg.batch_size})")
     total_steps, warmup_steps = cfg.epochs * steps_per_epoch, int(cfg.warmup_epochs * steps_per_epoch)
     param_groups = param_groups_weight_decay(model, cfg.weight_decay, getattr(model, "no_weight_decay", set)())
     optimizer = torch.optim.AdamW(param_groups, lr=cfg.lr)
@@ -350,7 +406,7 @@ def train(cfg: RunConfig, callbacks: Sequence[EpochCallback] = ()) -> dict[str, 
 
     start_epoch, history = 0, []
     if state == "resume" and (run_dir / CHECKPOINT).is_file():
-        ckpt = torch.load(run_dir / CHECKPOINT, map_location=device, weights_only=False)
+        ckpt = load_checkpoint(run_dir / CHECKPOINT, map_location=device)
         model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
         scaler.load_state_dict(ckpt["scaler"])
@@ -466,7 +522,13 @@ def quick_train(step: MixStep, images: Tensor, labels: Tensor, steps: int, batch
 def _fail(run_dir: Path, cfg: RunConfig, dinfo: DistInfo, message: str) -> None:
     if dinfo.is_main:
         atomic_write_json(run_dir / SUMMARY, {"status": "failed", "error": message, "run_id": cfg.run_id})
-    raise FloatingPointError(f"{message}; the last good checkpoint is kept in {run_dir}")
+    ckpt = run_dir / CHECKPOINT
+    if ckpt.is_file():
+        kept = f"the checkpoint after epoch {load_checkpoint(ckpt)['epoch']} is kept in {run_dir}"
+    else:
+        kept = f"no checkpoint was written yet (the run failed in its first epoch), {run_dir} holds its config"
+    raise FloatingPointError(f"{message}; {kept}; the record is marked failed (lower lr or set clip_grad, "
+                             f"in a new run_id)")
 
 
 def _summary(cfg: RunConfig, history: list[dict[str, Any]], model: nn.Module, device: torch.device,
@@ -498,7 +560,7 @@ def load_model(run_dir: str | Path, map_location: str | torch.device = "cpu",
     run = load_run(run_dir)
     cfg = RunConfig.from_dict(run.config)
     info = dataset_info(cfg.dataset)
-    ckpt = torch.load(checkpoint or Path(run_dir) / CHECKPOINT, map_location=map_location, weights_only=False)
+    ckpt = load_checkpoint(checkpoint or Path(run_dir) / CHECKPOINT, map_location=map_location)
     num_classes = int(ckpt.get("num_classes", info.num_classes))
     model = create_model(cfg.model, num_classes, cfg.img_size, info.in_chans, patch_size=cfg.patch_size or None)
     model = build_method(cfg, num_classes).prepare_model(model)

@@ -1,23 +1,49 @@
 """Run records: ``runs/<run_id>/`` with ``config.json``, ``metrics.jsonl`` (one line per epoch),
 ``summary.json``, ``checkpoint.pt`` and, for papermill runs, the executed notebook.
 
-Every file is written atomically (temporary file in the same folder, fsync, ``os.replace``), so a
-crash never leaves a half-written record. Report code reads only these files.
+* **Atomic writes.** Every file is written to a temporary file in the same folder, fsynced and
+  renamed (``os.replace``), so a crash never leaves a half-written record. Files follow the
+  user's umask (0644 under 022), so a shared results folder stays readable.
+* **One writer per run.** :class:`RunLock` is an exclusive lock of the run folder (``.lock``, a
+  ``filelock`` lock: released by the kernel when its process dies) with an owner record
+  (``.lock-owner.json``: host, pid, start time) that a refused process names; a lock left by a
+  dead process is taken over with a message. Sweep workers claim cells with it; the process a
+  claiming worker starts for the cell joins the claim through :data:`LOCK_TOKEN_ENV`.
+* **Damaged files are named.** Every reader raises :class:`DamagedRecordError` (one line: the
+  file, what is wrong, what to do) instead of a parser's traceback; :func:`list_runs` skips a
+  damaged run with a :class:`RecordWarning`; a torn last line of ``metrics.jsonl`` is recovered
+  from the checkpoint's history.
+
+Report code reads only these files.
 """
 from __future__ import annotations
 
 import io
 import json
 import os
+import secrets
+import socket
 import subprocess
-import tempfile
+import sys
+import time
+import warnings
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
+from filelock import FileLock, Timeout
 
 CONFIG, METRICS, SUMMARY, CHECKPOINT = "config.json", "metrics.jsonl", "summary.json", "checkpoint.pt"
+LOCK, LOCK_OWNER = ".lock", ".lock-owner.json"
+#: the environment variable through which a process started for a claimed run joins the claim
+LOCK_TOKEN_ENV = "TOKENMIX_LOCK_TOKEN"
+#: config fields that may differ between a record and a command that continues or reuses it
+#: (they do not change the result); every other field, ``epochs`` included, must match
+RESUME_FREE: tuple[str, ...] = ("resume", "progress", "num_workers", "threads", "device", "data_dir", "download",
+                                "out_dir")
 
 
 def epoch_checkpoint_name(epoch: int) -> str:
@@ -29,11 +55,29 @@ class RunExistsError(FileExistsError):
     """The output folder already holds a run that this call must not overwrite."""
 
 
+class RunLockedError(RuntimeError):
+    """Another live process holds the run folder's lock (the message names it)."""
+
+
+class DamagedRecordError(ValueError):
+    """A record file cannot be read; the message names the file, the fault and what to do."""
+
+
+class RecordWarning(UserWarning):
+    """A damaged record was skipped or repaired in memory by a reader."""
+
+
+def _tmp_name(path: Path) -> Path:
+    return path.parent / f".{path.name}.{os.getpid()}-{secrets.token_hex(4)}.tmp"
+
+
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` so that readers see either the old or the new file, never a part."""
+    """Write ``data`` to ``path`` so that readers see either the old or the new file, never a part
+    (the file's mode follows the umask, as for ``open``)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    tmp = _tmp_name(path)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
@@ -107,22 +151,290 @@ class Run:
         return self.complete and (self.path / "checkpoint.pt").is_file()
 
 
+def read_json(path: str | Path, what: str = "record") -> Any:
+    """The JSON content of ``path``; a file that does not parse raises :class:`DamagedRecordError`."""
+    path = Path(path)
+    try:
+        return json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise DamagedRecordError(f"{path} is damaged (not valid JSON: {e}); {_advice(path, what)}") from None
+
+
+def _advice(path: Path, what: str) -> str:
+    if path.name == SUMMARY:
+        return ("delete it and resume the run (`--resume true`, or re-run the sweep) to finish it again "
+                "from its checkpoint")
+    if path.name == CONFIG:
+        return f"move the folder {path.parent} away: without its config the run cannot be resumed or reported"
+    if path.name == CHECKPOINT:
+        return ("delete it to retrain the run from epoch 1 with the same config (`--resume true`), or restore it "
+                "from a copy")
+    return f"restore the {what} from a copy or delete it"
+
+
+def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    """``torch.load`` of a checkpoint; a truncated or corrupted file raises :class:`DamagedRecordError`."""
+    path = Path(path)
+    try:
+        return torch.load(path, map_location=map_location, weights_only=False)
+    except FileNotFoundError:
+        raise
+    except Exception as e:  # noqa: BLE001 -- torch raises many types (RuntimeError, EOFError, UnpicklingError, ...)
+        raise DamagedRecordError(f"{path} is damaged ({type(e).__name__}: {str(e).splitlines()[0][:200]}); "
+                                 f"{_advice(path, 'checkpoint')}") from None
+
+
+def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
+    """The epoch records of ``metrics.jsonl``. A torn last line (a copy or a disk cut short) is
+    recovered from ``checkpoint.pt``'s history when the checkpoint has it, else dropped, with a
+    :class:`RecordWarning` either way; a bad line before the last raises :class:`DamagedRecordError`."""
+    path = Path(run_dir) / METRICS
+    if not path.is_file():
+        return []
+    lines = [line for line in path.read_text(errors="replace").splitlines() if line.strip()]
+    out = []
+    for n, line in enumerate(lines, 1):
+        try:
+            rec = json.loads(line)
+            if not isinstance(rec, dict):
+                raise ValueError(f"a {type(rec).__name__}, not an epoch record")
+        except ValueError as e:
+            if n < len(lines):
+                raise DamagedRecordError(f"{path} is damaged (line {n} of {len(lines)}: {e}); resume the run "
+                                         f"(`--resume true`) to rewrite it from the checkpoint, or restore it "
+                                         f"from a copy") from None
+            ckpt = Path(run_dir) / CHECKPOINT
+            history = load_checkpoint(ckpt).get("history") if ckpt.is_file() else None
+            if history and len(history) >= len(lines):
+                warnings.warn(f"{path}: the last line is torn; the {len(history)} epoch records were recovered "
+                              f"from {ckpt.name}", RecordWarning, stacklevel=2)
+                return list(history)
+            warnings.warn(f"{path}: the last line ({n}) is torn and no checkpoint holds it; it is left out",
+                          RecordWarning, stacklevel=2)
+            break
+        out.append(rec)
+    return out
+
+
 def load_run(path: str | Path) -> Run:
-    """Read a run folder. Raises FileNotFoundError when it has no ``config.json``."""
+    """Read a run folder.
+
+    Raises:
+        FileNotFoundError: it has no ``config.json``.
+        DamagedRecordError: a record file does not parse (the message names it and what to do).
+    """
     path = Path(path)
     if not (path / CONFIG).is_file():
         raise FileNotFoundError(f"{path} holds no run record ({CONFIG} missing)")
-    config = json.loads((path / CONFIG).read_text())
-    metrics = []
-    if (path / METRICS).is_file():
-        metrics = [json.loads(line) for line in (path / METRICS).read_text().splitlines() if line.strip()]
-    summary = json.loads((path / SUMMARY).read_text()) if (path / SUMMARY).is_file() else None
-    return Run(path, config, metrics, summary)
+    config = read_json(path / CONFIG, "config")
+    summary = read_json(path / SUMMARY, "summary") if (path / SUMMARY).is_file() else None
+    for name, obj in ((CONFIG, config), (SUMMARY, summary)):
+        if obj is not None and not isinstance(obj, dict):
+            raise DamagedRecordError(f"{path / name} is damaged (a JSON {type(obj).__name__}, not an object); "
+                                     f"{_advice(path / name, name)}")
+    return Run(path, config, read_metrics(path), summary)
 
 
-def list_runs(root: str | Path = "runs") -> list[Run]:
-    """Every run record under ``root`` (folders without ``config.json`` are skipped), sorted by id."""
+def list_runs(root: str | Path = "runs", damaged: str = "warn") -> list[Run]:
+    """Every run record under ``root`` (folders without ``config.json`` are skipped), sorted by id.
+
+    Args:
+        damaged: what a damaged record does: ``"warn"`` (skipped with a :class:`RecordWarning`
+            naming the file) or ``"raise"`` (:class:`DamagedRecordError`).
+    """
+    if damaged not in ("warn", "raise"):
+        raise ValueError(f"damaged must be 'warn' or 'raise', got {damaged!r}")
     root = Path(root)
     if not root.is_dir():
         return []
-    return [load_run(p) for p in sorted(root.iterdir()) if (p / CONFIG).is_file()]
+    out = []
+    for p in sorted(root.iterdir()):
+        if not (p / CONFIG).is_file():
+            continue
+        try:
+            out.append(load_run(p))
+        except DamagedRecordError as e:
+            if damaged == "raise":
+                raise
+            warnings.warn(f"skipped run {p.name}: {e}", RecordWarning, stacklevel=2)
+    return out
+
+
+def config_diff(stored: Mapping[str, Any], wanted: Mapping[str, Any],
+                defaults: Mapping[str, Any] | None = None) -> dict[str, tuple[Any, Any]]:
+    """{field: (stored, wanted)} for every field outside :data:`RESUME_FREE` that differs, i.e. that
+    would change the result. A field missing from ``stored`` (a record older than the field) counts
+    as its value in ``defaults`` (the behaviour the record was made with)."""
+    defaults = defaults or {}
+    out = {}
+    for k, v in wanted.items():
+        if k in RESUME_FREE:
+            continue
+        have = stored[k] if k in stored else defaults.get(k)
+        if have != v:
+            out[k] = (stored.get(k, "<not recorded>"), v)
+    return out
+
+
+def format_diff(diff: Mapping[str, tuple[Any, Any]]) -> str:
+    return ", ".join(f"{k} (recorded {a!r}, now {b!r})" for k, (a, b) in diff.items())
+
+
+# ---------------------------------------------------------------------------------------------
+# the run folder's lock
+
+_TOKEN = f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(6)}"
+
+
+def process_token() -> str:
+    """This process's lock token (host, pid and a random part)."""
+    global _TOKEN
+    if _TOKEN.split(":")[1] != str(os.getpid()):  # a forked child gets its own
+        _TOKEN = f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(6)}"
+    return _TOKEN
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, another user's
+        return True
+    return True
+
+
+def describe_owner(owner: Mapping[str, Any] | None) -> str:
+    if not owner:
+        return "another process (its owner record is not written yet or unreadable)"
+    return (f"process {owner.get('pid')} on host {owner.get('host')} (since {owner.get('since')}: "
+            f"{owner.get('command', '')[:120]})")
+
+
+def read_owner(run_dir: str | Path) -> dict[str, Any] | None:
+    """The owner record of a run folder's lock, or None (none written, or unreadable)."""
+    try:
+        owner = json.loads((Path(run_dir) / LOCK_OWNER).read_text())
+        return owner if isinstance(owner, dict) else None
+    except (OSError, ValueError):
+        return None
+
+
+class RunLock:
+    """The exclusive lock of one run folder: taken before any file of the run is written, held
+    while the run trains, released (and its owner record removed) at the end.
+
+    ``acquire()`` creates the folder if needed, takes ``<run_dir>/.lock`` without waiting and
+    writes the owner record. A folder locked by a live process raises :class:`RunLockedError`
+    naming it; a lock whose owner record outlived its process (killed) is taken over with a
+    message. ``release()`` removes a folder that it created and that still holds only the lock's
+    files (a run refused after the lock leaves nothing behind).
+
+    Example::
+
+        with RunLock("runs/my-run"):
+            ...  # the only process writing runs/my-run
+    """
+
+    def __init__(self, run_dir: str | Path, log: Any = None) -> None:
+        self.run_dir = Path(run_dir)
+        self.log = log or (lambda m: print(m, file=sys.stderr, flush=True))
+        self.took_over: dict[str, Any] | None = None
+        self._lock: FileLock | None = None
+        self._created = False
+
+    @property
+    def held(self) -> bool:
+        return self._lock is not None
+
+    def acquire(self) -> "RunLock":
+        if self._lock is not None:
+            return self
+        self._created = not self.run_dir.exists()
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        lock = FileLock(str(self.run_dir / LOCK), timeout=0)
+        try:
+            lock.acquire()
+        except Timeout:
+            self._cleanup_folder()
+            raise RunLockedError(f"{self.run_dir} is in use by {describe_owner(read_owner(self.run_dir))}; wait "
+                                 f"for it to finish or stop it (two processes on one run would mix their "
+                                 f"records)") from None
+        previous = read_owner(self.run_dir)
+        me = process_token()
+        if previous and previous.get("token") != me:
+            same_host = previous.get("host") == socket.gethostname()
+            if same_host and isinstance(previous.get("pid"), int) and _pid_alive(previous["pid"]) \
+                    and previous["pid"] != os.getpid():
+                lock.release()
+                raise RunLockedError(
+                    f"{self.run_dir}: the lock was granted although its owner record names live process "
+                    f"{previous['pid']} on this host; the filesystem does not seem to enforce file locks "
+                    f"(run one process per run, e.g. split a sweep with --only)")
+            self.took_over = previous
+            self.log(f"[tokenmix] {self.run_dir}: taking over the lock left by {describe_owner(previous)}, "
+                     f"which {'is no longer running' if same_host else 'released it without cleaning up'}")
+        atomic_write_json(self.run_dir / LOCK_OWNER, {
+            "host": socket.gethostname(), "pid": os.getpid(), "token": me,
+            "since": time.strftime("%Y-%m-%dT%H:%M:%S"), "command": " ".join(sys.argv)})
+        self._lock = lock
+        return self
+
+    def release(self) -> None:
+        if self._lock is None:
+            return
+        (self.run_dir / LOCK_OWNER).unlink(missing_ok=True)
+        self._lock.release()
+        self._lock = None
+        self._cleanup_folder()
+
+    def _cleanup_folder(self) -> None:
+        if self._created and self.run_dir.is_dir() and {p.name for p in self.run_dir.iterdir()} <= {LOCK, LOCK_OWNER}:
+            for name in (LOCK_OWNER, LOCK):
+                (self.run_dir / name).unlink(missing_ok=True)
+            try:
+                self.run_dir.rmdir()
+            except OSError:
+                pass
+            self._created = False
+
+    def __enter__(self) -> "RunLock":
+        return self.acquire()
+
+    def __exit__(self, *exc: Any) -> None:
+        self.release()
+
+
+def lock_holder(run_dir: str | Path) -> dict[str, Any] | None:
+    """The owner record of a live lock on ``run_dir`` ({} when unreadable), or None when the folder
+    is free. Writes nothing (a folder without ``.lock`` is free)."""
+    path = Path(run_dir) / LOCK
+    if not path.is_file():
+        return None
+    lock = FileLock(str(path), timeout=0)
+    try:
+        lock.acquire()
+    except Timeout:
+        return read_owner(run_dir) or {}
+    lock.release()
+    return None
+
+
+@contextmanager
+def claim_run(run_dir: str | Path, log: Any = None) -> Iterator[RunLock | None]:
+    """Hold ``run_dir`` for this process: its :class:`RunLock`, or nothing when the lock is held
+    by the process that started this one for this run (a sweep worker: its token is in
+    :data:`LOCK_TOKEN_ENV`). Raises :class:`RunLockedError` when anyone else holds it."""
+    lock = RunLock(run_dir, log)
+    try:
+        lock.acquire()
+    except RunLockedError:
+        owner = read_owner(run_dir)
+        if owner and os.environ.get(LOCK_TOKEN_ENV) and owner.get("token") == os.environ[LOCK_TOKEN_ENV]:
+            yield None  # the claim of our parent covers us
+            return
+        raise
+    try:
+        yield lock
+    finally:
+        lock.release()

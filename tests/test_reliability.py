@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 from tokenmix.__main__ import main
@@ -120,6 +121,39 @@ def test_two_trainings_on_one_run_id_one_trains_the_other_is_refused(tmp_path):
     run = load_run(tmp_path / "same")
     assert run.complete and [m["epoch"] for m in run.metrics] == list(range(1, 13))  # one run's records, not two
     assert not (tmp_path / "same" / LOCK_OWNER).exists()
+
+
+@pytest.mark.parametrize("then", ["another process claims it", "nobody claims it"])
+def test_a_run_started_for_a_claim_stops_or_takes_over_when_its_claimant_dies(tmp_path, monkeypatch, then):
+    """A run started by a sweep worker writes under the worker's lock (joined through the token);
+    if the worker dies, the run takes the lock itself, or stops before writing when another
+    process got it first."""
+    run_dir = tmp_path / "r"
+    holder = start_holder(run_dir)
+    others = []
+    monkeypatch.setenv("TOKENMIX_LOCK_TOKEN", json.loads((run_dir / LOCK_OWNER).read_text())["token"])
+
+    def after_epoch(epoch, record):
+        if epoch == 1:
+            holder.kill()
+            holder.wait()
+            if then == "another process claims it":
+                others.append(start_holder(run_dir))
+
+    cfg = tiny(tmp_path, run_id="r", epochs=2)
+    try:
+        if then == "another process claims it":
+            with pytest.raises(RunLockedError, match="has ended and another one holds"):
+                train(cfg, callbacks=[after_epoch])
+            assert torch.load(run_dir / CHECKPOINT, weights_only=False)["epoch"] == 1  # nothing written after
+            assert len(load_run(run_dir).metrics) == 1 and not (run_dir / SUMMARY).exists()
+        else:
+            assert train(cfg, callbacks=[after_epoch])["status"] == "complete"
+            assert lock_holder(run_dir) is None and not (run_dir / LOCK_OWNER).exists()
+    finally:
+        for p in [holder, *others]:
+            p.kill()
+            p.wait()
 
 
 def test_a_run_refused_after_its_folder_was_made_leaves_nothing(tmp_path, monkeypatch):
@@ -266,6 +300,26 @@ def test_report_and_sweep_skip_a_damaged_run_and_carry_on(finished, tmp_path):
     logs = []
     results = run_sweep(load_grid(grid_file), launcher="inprocess", log=logs.append)
     assert [r.status for r in results] == ["skipped", "damaged", "done"], logs
+
+
+def test_a_measurement_on_a_damaged_checkpoint_keeps_the_stored_table(tmp_path):
+    import pandas as pd
+
+    from tokenmix.analysis.records import cached_measurement
+
+    ck = tmp_path / "run" / CHECKPOINT
+    ck.parent.mkdir()
+    ck.write_bytes(b"v1")
+    stored = cached_measurement(tmp_path, "m", [ck], {"p": 1}, lambda: pd.DataFrame({"a": [1.0]}))
+    ck.write_bytes(b"v2, truncated")
+
+    def damaged():
+        raise DamagedRecordError(f"{ck} is damaged (EOFError)")
+
+    with pytest.warns(RecordWarning, match="is damaged .*the stored measurement is used"):
+        assert cached_measurement(tmp_path, "m", [ck], {"p": 1}, damaged).equals(stored)
+    with pytest.warns(RecordWarning, match="skipped"):
+        assert cached_measurement(tmp_path, "other", [ck], {"p": 1}, damaged) is None
 
 
 # ---------------------------------------------------------------------------------------------

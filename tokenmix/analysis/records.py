@@ -10,13 +10,14 @@ returns the stored table, so ``make figures`` redraws every figure without a mod
 from __future__ import annotations
 
 import json
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
 
-from tokenmix.train.runs import atomic_write_bytes, atomic_write_json
+from tokenmix.train.runs import DamagedRecordError, RecordWarning, atomic_write_bytes, atomic_write_json
 
 #: the folder of a runs folder that holds the analysis records
 ANALYSIS_DIR = "analysis"
@@ -38,8 +39,12 @@ def cached_measurement(runs_dir: str | Path, name: str, files: Sequence[str | Pa
     """The table ``<runs_dir>/analysis/<name>.csv``, (re)computed with ``compute()`` when every
     file of ``files`` exists and the recorded fingerprint differs (or there is no record).
 
+    A damaged input (:class:`~tokenmix.train.runs.DamagedRecordError`, e.g. a truncated
+    checkpoint) is reported with a :class:`~tokenmix.train.runs.RecordWarning` and the stored
+    table is returned.
+
     Returns:
-        The fresh or stored table; None when it can be neither computed (missing files) nor read.
+        The fresh or stored table; None when it can be neither computed (missing or damaged files) nor read.
     """
     folder = analysis_dir(runs_dir)
     csv, meta = folder / f"{name}.csv", folder / f"{name}.inputs.json"
@@ -47,9 +52,14 @@ def cached_measurement(runs_dir: str | Path, name: str, files: Sequence[str | Pa
         want = fingerprint(files, params)
         have = json.loads(meta.read_text()) if meta.is_file() else None
         if have != want or not csv.is_file():
-            df = compute()
-            atomic_write_bytes(csv, df.to_csv(index=False, float_format=float_format, lineterminator="\n").encode())
-            atomic_write_json(meta, want)
+            try:
+                df = compute()
+            except DamagedRecordError as e:  # a damaged checkpoint: keep what was measured before
+                warnings.warn(f"{name}: {e}; {'the stored measurement is used' if csv.is_file() else 'skipped'}",
+                              RecordWarning, stacklevel=2)
+            else:
+                atomic_write_bytes(csv, df.to_csv(index=False, float_format=float_format, lineterminator="\n").encode())
+                atomic_write_json(meta, want)
     if csv.is_file():  # what was stored (rounded), so that a fresh and a cached result draw the same
         return pd.read_csv(csv)
     return None

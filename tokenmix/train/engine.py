@@ -328,34 +328,40 @@ def train(cfg: RunConfig, callbacks: Sequence[EpochCallback] = ()) -> dict[str, 
         return load_run(run_dir).summary
     method = build_method(cfg, dataset_info(cfg.dataset).num_classes)  # the run's one method object
     preflight(cfg, dinfo.world_size, method)  # bad input fails here, before data is loaded or files written
-    with _hold(run_dir, dinfo):
+    with _hold(run_dir, dinfo) as claim:
         run_dir, state = open_run_dir(cfg)  # again under the lock: another process may have finished it
         if state == "done":
             return load_run(run_dir).summary
-        return _train(cfg, callbacks, dinfo, device, method, run_dir, state)
+        return _train(cfg, callbacks, dinfo, device, method, run_dir, state, claim.verify)
+
+
+class _NoClaim:
+    def verify(self) -> None:  # ranks other than 0 write nothing
+        return None
 
 
 @contextmanager
-def _hold(run_dir: Path, dinfo: DistInfo) -> Iterator[None]:
-    """Rank 0 holds the run folder's lock (:func:`claim_run`) for the whole run; every rank learns
-    whether it got it, so a refused run stops on all ranks with the same message."""
+def _hold(run_dir: Path, dinfo: DistInfo) -> Iterator[Any]:
+    """Rank 0 holds the run folder (:func:`claim_run`) for the whole run; every rank learns
+    whether it got it, so a refused run stops on all ranks with the same message. Yields the
+    claim (``verify()`` before each write)."""
     with ExitStack() as stack:
-        error = [""]
+        error, claim = [""], _NoClaim()
         if dinfo.is_main:
             try:
-                stack.enter_context(claim_run(run_dir))
+                claim = stack.enter_context(claim_run(run_dir))
             except RunLockedError as e:
                 error = [str(e)]
         if dinfo.enabled:
             dist.broadcast_object_list(error, src=0)
         if error[0]:
             raise RunLockedError(error[0])
-        yield
+        yield claim
 
 
 def _train(cfg: RunConfig, callbacks: Sequence[EpochCallback], dinfo: DistInfo, device: torch.device,
-           method: MixMethod, run_dir: Path, state: str) -> dict[str, Any]:
-    """The body of :func:`train`, with the run folder held."""
+           method: MixMethod, run_dir: Path, state: str, verify: Callable[[], None]) -> dict[str, Any]:
+    """The body of :func:`train`, with the run folder held (``verify()`` before each write)."""
     seed_everything(cfg.seed)
     train_ds, test_ds, dinfo_data = build_datasets(
         cfg.dataset, cfg.img_size, cfg.data_dir, cfg.download, cfg.train_subset, cfg.test_subset,
@@ -379,6 +385,7 @@ def _train(cfg: RunConfig, callbacks: Sequence[EpochCallback], dinfo: DistInfo, 
     if dinfo.enabled:
         dist.barrier()
     if dinfo.is_main:
+        verify()
         if state == "new":
             atomic_write_json(run_dir / CONFIG, cfg.to_dict())
         for tmp in run_dir.glob(".*.tmp"):  # left by a process killed while writing (we hold the lock)
@@ -412,6 +419,7 @@ def _train(cfg: RunConfig, callbacks: Sequence[EpochCallback], dinfo: DistInfo, 
         scaler.load_state_dict(ckpt["scaler"])
         start_epoch, history = ckpt["epoch"], ckpt["history"]
         if dinfo.is_main:
+            verify()
             write_metrics(run_dir / METRICS, history)  # a kill between the two writes left it behind
             print(f"[tokenmix] resuming {run_dir} after epoch {start_epoch}")
 
@@ -447,6 +455,8 @@ def _train(cfg: RunConfig, callbacks: Sequence[EpochCallback], dinfo: DistInfo, 
             out = net(x, y, batch[2] if len(batch) > 2 else None)  # meta stays on the CPU (cache lookups)
             loss, info = out.loss, out.info
             if not torch.isfinite(loss):
+                if dinfo.is_main:
+                    verify()
                 _fail(run_dir, cfg, dinfo, f"non-finite loss {float(loss.detach())} at epoch {epoch + 1}, step {i}")
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
@@ -477,6 +487,7 @@ def _train(cfg: RunConfig, callbacks: Sequence[EpochCallback], dinfo: DistInfo, 
         record["epoch_time"] = time.perf_counter() - t0
         history.append(record)
         if dinfo.is_main:
+            verify()
             atomic_torch_save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
                                "scaler": scaler.state_dict(), "epoch": epoch + 1, "history": history, "num_classes": num_classes,
                                "config": cfg.to_dict()}, run_dir / CHECKPOINT)
@@ -494,6 +505,7 @@ def _train(cfg: RunConfig, callbacks: Sequence[EpochCallback], dinfo: DistInfo, 
 
     summary = _summary(cfg, history, model, device, dinfo, time.perf_counter() - t_run)
     if dinfo.is_main:
+        verify()
         atomic_write_json(run_dir / SUMMARY, summary)
         print(f"[tokenmix] done: top1 {summary['final_top1']:.2f} (best {summary['best_top1']:.2f}); "
               f"record in {run_dir}")

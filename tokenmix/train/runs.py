@@ -398,6 +398,11 @@ class RunLock:
                 pass
             self._created = False
 
+    def verify(self) -> None:
+        """Nothing to check: this process holds the lock (the same call as :meth:`JoinedClaim.verify`)."""
+        if self._lock is None:
+            raise RunLockedError(f"{self.run_dir}: the lock is not held")
+
     def __enter__(self) -> "RunLock":
         return self.acquire()
 
@@ -420,20 +425,56 @@ def lock_holder(run_dir: str | Path) -> dict[str, Any] | None:
     return None
 
 
+class JoinedClaim:
+    """The claim of a process started for a run that its parent (a sweep worker) holds: it writes
+    under the parent's lock. :meth:`verify` (called before every record write) keeps it safe when
+    the parent dies first: the run's lock is then taken by this process, or, if another process
+    got it, :class:`RunLockedError` stops this one before it writes."""
+
+    def __init__(self, run_dir: str | Path, owner: Mapping[str, Any], log: Any = None) -> None:
+        self.run_dir, self.owner, self.log = Path(run_dir), dict(owner), log
+        self.lock: RunLock | None = None
+
+    def verify(self) -> None:
+        if self.lock is not None:
+            return
+        pid, host = self.owner.get("pid"), self.owner.get("host")
+        if host == socket.gethostname() and isinstance(pid, int) and _pid_alive(pid):
+            return
+        if host != socket.gethostname() and lock_holder(self.run_dir) is not None \
+                and (read_owner(self.run_dir) or {}).get("token") == self.owner.get("token"):
+            return  # the parent on another host still holds it
+        try:
+            self.lock = RunLock(self.run_dir, self.log).acquire()
+        except RunLockedError as e:
+            raise RunLockedError(f"the process that started this run ({describe_owner(self.owner)}) has ended and "
+                                 f"another one holds {self.run_dir} now; stopping without writing ({e})") from None
+
+    def release(self) -> None:
+        if self.lock is not None:
+            self.lock.release()
+            self.lock = None
+
+
 @contextmanager
-def claim_run(run_dir: str | Path, log: Any = None) -> Iterator[RunLock | None]:
-    """Hold ``run_dir`` for this process: its :class:`RunLock`, or nothing when the lock is held
-    by the process that started this one for this run (a sweep worker: its token is in
-    :data:`LOCK_TOKEN_ENV`). Raises :class:`RunLockedError` when anyone else holds it."""
+def claim_run(run_dir: str | Path, log: Any = None) -> Iterator[RunLock | JoinedClaim]:
+    """Hold ``run_dir`` for this process: its :class:`RunLock`, or a :class:`JoinedClaim` when the
+    lock is held by the process that started this one for this run (a sweep worker, whose token
+    is in :data:`LOCK_TOKEN_ENV`). Call ``verify()`` on it before each write. Raises
+    :class:`RunLockedError` when anyone else holds the run."""
     lock = RunLock(run_dir, log)
     try:
         lock.acquire()
     except RunLockedError:
         owner = read_owner(run_dir)
-        if owner and os.environ.get(LOCK_TOKEN_ENV) and owner.get("token") == os.environ[LOCK_TOKEN_ENV]:
-            yield None  # the claim of our parent covers us
-            return
-        raise
+        if not (owner and os.environ.get(LOCK_TOKEN_ENV) and owner.get("token") == os.environ[LOCK_TOKEN_ENV]):
+            raise
+        joined = JoinedClaim(run_dir, owner, log)  # the claim of our parent covers us
+        try:
+            yield joined
+        finally:
+            joined.release()
+        return
     try:
         yield lock
     finally:

@@ -415,6 +415,57 @@ def test_top_salient_tokens():
         top_salient_tokens(tokens, sal, 5, 1)
 
 
+def test_vtm_store_official_gathers_the_token_before_each_salient_patch():
+    """The released ViT code ranks the patches by the CLS row but gathers the top-kappa indices from
+    the full sequence (CLS included), so it stores the token before each salient patch."""
+    tokens = torch.arange(5, dtype=torch.float32).reshape(1, 5, 1)  # x[:, t] = t, t = 0 is CLS
+    sal = torch.tensor([[0.5, 0.1, 0.1, 0.1]])                        # patch 0 is the most salient
+    assert top_salient_tokens(tokens, sal, 1, 1, "paper").flatten().tolist() == [1.0]     # patch 0 = token 1
+    assert top_salient_tokens(tokens, sal, 1, 1, "official").flatten().tolist() == [0.0]  # the CLS token
+    sal2 = torch.tensor([[0.5, 0.1, 0.3, 0.1]])
+    assert top_salient_tokens(tokens, sal2, 2, 1, "paper").flatten().tolist() == [1.0, 3.0]
+    assert top_salient_tokens(tokens, sal2, 2, 1, "official").flatten().tolist() == [0.0, 2.0]
+    # without a class token (CCT's CIFAR models, CaiT's patch blocks) both variants store the same
+    plain = torch.arange(4, dtype=torch.float32).reshape(1, 4, 1)
+    for s_ in (sal, sal2):
+        for k in (1, 2, 4):
+            assert torch.equal(top_salient_tokens(plain, s_, k, 0, "official"), top_salient_tokens(plain, s_, k, 0, "paper"))
+    with pytest.raises(ValueError, match="valid: official, paper"):
+        top_salient_tokens(tokens, sal, 1, 1, "released")
+
+
+@pytest.mark.parametrize("model_name, prefix", [("vit_cpu", 1), ("cct_7_3x1", 0)])
+def test_vtm_variants_store_by_the_backbone_s_class_token(model_name, prefix):
+    """In the method: with a CLS token the official store holds, for the same saliency ranking, the
+    block-input row before the paper's row; without one the two stores are equal."""
+    torch.manual_seed(0)
+    img = 16 if model_name == "vit_cpu" else 32
+    base = create_model(model_name, 10, img, 1)
+    x, y = torch.randn(3, 1, img, img), torch.arange(3)
+    stores, inputs = {}, {}
+    for variant in ("paper", "official"):
+        method = methods.get("tokenmixup", num_classes=10, tokenmixup_mode="vtm", input_mix="none", variant=variant,
+                             vertical_layer=1, kappa=3)
+        model = method.prepare_model(copy.deepcopy(base)).train()
+        blocks = model.blocks if hasattr(model, "blocks") else model.transformer.blocks
+        seen = []
+        handle = blocks[0].register_forward_pre_hook(lambda m, a: seen.append(a[0].detach().clone()))
+        _, extras = forward_in_context(model, method, method.mix(x, y))
+        handle.remove()
+        stores[variant], inputs[variant] = extras["vtm_store"][0].detach(), seen[0]
+        assert method.num_prefix_tokens == prefix
+    torch.testing.assert_close(inputs["paper"], inputs["official"])
+    block_in = inputs["paper"]  # (B, T, D), the tokens the layer-0 store is drawn from
+    if prefix == 0:
+        torch.testing.assert_close(stores["official"], stores["paper"])
+        return
+    for b in range(3):
+        for k in range(3):
+            rows = [r for r in range(block_in.shape[1]) if torch.equal(block_in[b, r], stores["paper"][b, k])]
+            assert rows and rows[0] >= 1  # a patch token
+            torch.testing.assert_close(stores["official"][b, k], block_in[b, rows[0] - 1])  # the row before it
+
+
 def make_attention(qkv_bias: bool, qk_norm: bool, fused: bool):
     from timm.models.vision_transformer import Attention
 
@@ -737,3 +788,35 @@ def test_tokenmixup_rejects_swin():
     with pytest.raises(ValueError, match="Swin") as err:
         methods.get("tokenmixup", num_classes=10).prepare_model(swin)
     assert "CaiT" in str(err.value) and "window" in str(err.value)
+
+
+@pytest.mark.parametrize("model_name", ["vit_cpu", "tiny_deit", "cct_7_3x1", "tiny_cait"])
+def test_htm_with_a_single_easy_sample_on_every_backbone(model_name, monkeypatch):
+    """B_M = 1 (one easy sample; the released CCT code runs it): HTM mixes at most that sample,
+    its partner is one of the batch, the target still sums to one and the step trains."""
+    import tokenmix.methods.tokenmixup as TM
+    from tokenmix.methods import MixStep
+
+    def only_sample_1(d, tau, gate):
+        easy = torch.zeros(d.shape[0], dtype=torch.bool)
+        easy[1] = True
+        return easy
+
+    monkeypatch.setattr(TM, "easy_samples", only_sample_1)
+    torch.manual_seed(0)
+    model = create_model(model_name, 10, 32, 3)
+    method = methods.get("tokenmixup", num_classes=10, tokenmixup_mode="hvtm", input_mix="none", rho=0.0,
+                         horizontal_layer=1, vertical_layer=2)
+    step = MixStep(model, method).train()
+    x, y = torch.randn(4, 3, 32, 32), torch.arange(4)
+    out = step(x, y)
+    info = out.outputs.extras["htm"]["info"]
+    partners = info["partners"]
+    assert [int(p) >= 0 for p in partners] == [False, True, False, False]  # only the easy sample is matched
+    assert info["n_mixed"] <= 1 and not info["mask"][[0, 2, 3]].any()
+    target = out.outputs.extras["htm"]["target"]
+    torch.testing.assert_close(target.sum(1), torch.ones(4))
+    torch.testing.assert_close(target[[0, 2, 3]], out.mixed.target[[0, 2, 3]])  # the others keep their labels
+    assert torch.isfinite(out.loss)
+    out.loss.backward()
+    assert all(p.grad is None or torch.isfinite(p.grad).all() for p in step.parameters())

@@ -46,9 +46,15 @@ Variants (``variant``, default ``paper``; the gate is the separate ``gate`` para
                     ``paper``                           ``official``
 ==================  ==================================  ======================================
 mask row            S[m, j*_m] (own saliency)           S[0, j*_m] for every m (row-0 bug)
+VTM store (CLS)     the kappa most salient patches      the token before each of them (CLS for
+                                                        patch 0): patch indices gathered from the
+                                                        full sequence (released ViT code)
 difficulty gate     CE < tau (``gate="paper"``)          CE / 10 <= tau (``gate="official"``,
                                                         the default of both variants)
 ==================  ==================================  ======================================
+
+The VTM store differs only on models with a CLS token (ViT/DeiT; CCT built with one); CCT
+without one (the CIFAR models) and CaiT's patch blocks (P = 0) store the same tokens in both.
 
 Backbones (timm): ViT/DeiT, CCT and CaiT.
 
@@ -443,18 +449,25 @@ def horizontal_mix(tokens: Tensor, saliency: Tensor, target: Tensor, easy: Tenso
 # ---------------------------------------------------------------------------------------------
 # VTM
 # ---------------------------------------------------------------------------------------------
-def top_salient_tokens(tokens: Tensor, saliency: Tensor, kappa: int, num_prefix_tokens: int = 0) -> Tensor:
+def top_salient_tokens(tokens: Tensor, saliency: Tensor, kappa: int, num_prefix_tokens: int = 0,
+                       variant: str = "paper") -> Tensor:
     """The kappa most salient patch tokens of each sample, most salient first (VTM's store).
 
     Args:
         tokens: (B, T, D), T = num_prefix_tokens + N.
-        saliency: (B, N).
+        saliency: (B, N), over the patch tokens.
         kappa: tokens kept per sample, 0 <= kappa <= N.
+        variant: ``"paper"`` stores the kappa most salient patches (token ``P + i`` for patch
+            ``i``); ``"official"`` reproduces the released ViT code, which takes the patch indices
+            ``i`` of the top-kappa saliencies but gathers them from the full sequence, CLS
+            included: it stores token ``i``, the token *before* each salient patch (the CLS token
+            for patch 0) when P = 1. Without prefix tokens (P = 0) both are the same.
 
     Returns:
         (B, kappa, D), differentiable w.r.t. ``tokens`` (the official ``vertical_stopgrad`` is
         False; detach at the call site otherwise).
     """
+    _check_variant(variant)
     if tokens.dim() != 3:
         raise ValueError(f"tokens must be (B, T, D), got {tuple(tokens.shape)}")
     b, t, d = tokens.shape
@@ -464,8 +477,9 @@ def top_salient_tokens(tokens: Tensor, saliency: Tensor, kappa: int, num_prefix_
         raise ValueError(f"saliency must be (B, N) = {(b, n)}, got {tuple(saliency.shape)}")
     if not 0 <= kappa <= n:
         raise ValueError(f"kappa must be in [0, N={n}], got {kappa}")
-    order = saliency.detach().topk(kappa, dim=1, largest=True, sorted=True).indices  # (B, kappa)
-    return torch.gather(tokens[:, p:], 1, order.unsqueeze(-1).expand(b, kappa, d))
+    order = saliency.detach().topk(kappa, dim=1, largest=True, sorted=True).indices  # (B, kappa), patch indices
+    source = tokens if variant == "official" else tokens[:, p:]  # official: indices into the full sequence
+    return torch.gather(source, 1, order.unsqueeze(-1).expand(b, kappa, d))
 
 
 def _talking_heads(attn: nn.Module) -> bool:
@@ -822,7 +836,8 @@ class TokenMixup(MixMethod):
                 if heads_last:  # talking heads: proj_w's input (B, T, T, H) -> (B, H, T, T)
                     a = a.permute(0, 3, 1, 2)
                 sal = saliency_from_attention(a, self.num_prefix_tokens, self.saliency)
-                state.store.append(top_salient_tokens(state.pending, sal, self.kappa, self.num_prefix_tokens))
+                state.store.append(top_salient_tokens(state.pending, sal, self.kappa, self.num_prefix_tokens,
+                                                      self.variant))
                 state.pending = None
         return hook
 

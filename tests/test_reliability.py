@@ -98,10 +98,57 @@ def test_a_second_process_is_refused_naming_the_owner_and_a_dead_owners_lock_is_
     messages = []
     lock = RunLock(run_dir, log=messages.append).acquire()
     assert lock.took_over["pid"] == holder.pid
-    assert "taking over the lock" in messages[0] and "no longer running" in messages[0]
+    assert "taking over the lock" in messages[0] and "no longer holds it" in messages[0]
     assert json.loads((run_dir / LOCK_OWNER).read_text())["pid"] == os.getpid()
     lock.release()
     assert not (run_dir / LOCK_OWNER).exists()
+
+
+def test_an_owner_record_naming_a_live_pid_does_not_block_a_free_lock(tmp_path):
+    """A dead owner's pid reused by another process: the flock is free, so the lock is taken over."""
+    run_dir = tmp_path / "r"
+    run_dir.mkdir()
+    atomic_write_json(run_dir / LOCK_OWNER, {"host": "h", "pid": 1, "token": "h:1:x", "since": "then"})
+    (run_dir / ".lock").touch()
+    messages = []
+    with RunLock(run_dir, log=messages.append) as lock:
+        assert lock.took_over["pid"] == 1 and "taking over" in messages[0]
+
+
+def test_probing_a_lock_never_makes_a_real_claim_fail(tmp_path):
+    import threading
+
+    run_dir = tmp_path / "r"
+    run_dir.mkdir()
+    (run_dir / "keep").touch()
+    RunLock(run_dir).acquire().release()  # a folder with a lock file
+    stop = threading.Event()
+
+    def probe():
+        while not stop.is_set():
+            lock_holder(run_dir)
+
+    t = threading.Thread(target=probe)
+    t.start()
+    try:
+        for _ in range(40):
+            RunLock(run_dir).acquire().release()
+    finally:
+        stop.set()
+        t.join()
+
+
+def test_a_refused_claim_leaves_the_holders_files(tmp_path):
+    run_dir = tmp_path / "fresh"
+    holder = start_holder(run_dir)  # the holder made the folder
+    try:
+        with pytest.raises(RunLockedError):
+            RunLock(run_dir).acquire()
+        assert sorted(p.name for p in run_dir.iterdir()) == [".lock", LOCK_OWNER]
+        assert lock_holder(run_dir)["pid"] == holder.pid
+    finally:
+        holder.kill()
+        holder.wait()
 
 
 def test_two_trainings_on_one_run_id_one_trains_the_other_is_refused(tmp_path):
@@ -322,6 +369,59 @@ def test_a_measurement_on_a_damaged_checkpoint_keeps_the_stored_table(tmp_path):
         assert cached_measurement(tmp_path, "other", [ck], {"p": 1}, damaged) is None
 
 
+def test_records_that_parse_but_are_not_records_are_damaged(finished, tmp_path):
+    run_dir = copy_run(finished / "full", tmp_path / "full")
+    good = (run_dir / CONFIG).read_text()
+    (run_dir / CONFIG).write_text("{}")
+    with pytest.raises(DamagedRecordError, match=r"config.json is damaged \(no method\)"):
+        load_run(run_dir)
+    (run_dir / CONFIG).write_text(good)
+    summary = json.loads((run_dir / SUMMARY).read_text())
+    atomic_write_json(run_dir / SUMMARY, {**summary, "final_top1": None})
+    with pytest.raises(DamagedRecordError, match="status complete but final_top1 not a number"):
+        load_run(run_dir)
+
+
+def test_a_sweep_leaves_a_run_with_a_damaged_checkpoint_untouched(finished, tmp_path):
+    runs = tmp_path / "runs"
+    grid_file = write_grid(tmp_path / "g.yaml", runs, methods=("cutmix",), seeds=(0,))
+    cell = load_grid(grid_file).cells[0]
+    run_dir = copy_run(finished / "cut", runs / cell.run_id)
+    c = json.loads((run_dir / CONFIG).read_text())
+    atomic_write_json(run_dir / CONFIG, {**c, "run_id": cell.run_id})
+    data = (run_dir / CHECKPOINT).read_bytes()
+    (run_dir / CHECKPOINT).write_bytes(data[: len(data) // 2])
+    assert cell_status(cell) == "damaged"
+    before = snapshot(run_dir)
+    assert [r.status for r in run_sweep(load_grid(grid_file), launcher="inprocess", log=lambda m: None)] == ["damaged"]
+    assert snapshot(run_dir) == before
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["report", "--runs", "{tmp}/typo"], "argument --runs: {tmp}/typo is not a folder"),
+    (["report", "--runs", "{tmp}", "--figures", "{tmp}/afile"], "afile is a file, not a folder"),
+    (["report", "--runs", "{tmp}", "--readme", "{tmp}/none.md"], "none.md is not a file"),
+    (["teacher", "--epochs", "0", "--data_dir", "{tmp}/d"], "argument --epochs: must be >= 1"),
+    (["teacher", "--top_k", "0", "--data_dir", "{tmp}/d"], "argument --top_k: must be >= 1"),
+    (["teacher", "--lr", "nan", "--data_dir", "{tmp}/d"], "argument --lr: must be a finite number > 0"),
+    (["teacher", "--checkpoint", "{tmp}/none.pt", "--data_dir", "{tmp}/d"], "none.pt does not exist"),
+    (["methods", "bogus"], "unexpected argument(s) bogus"),
+    (["sweep", "{tmp}/none.yaml"], "none.yaml"),
+])
+def test_other_commands_refuse_bad_input_in_one_line(argv, message, tmp_path):
+    (tmp_path / "afile").write_text("")
+    argv = [a.replace("{tmp}", str(tmp_path)) for a in argv]
+    rc, out, err = cli(*argv)
+    assert rc == 2 and err.count("\n") == 1 and message.replace("{tmp}", str(tmp_path)) in err, err
+    assert files_under(tmp_path) == ["afile"]
+
+
+def test_a_relative_out_dir_is_the_callers(tmp_path, monkeypatch):
+    grid_file = write_grid(tmp_path / "g.yaml", tmp_path / "runs")
+    monkeypatch.chdir(tmp_path / "..")
+    assert load_grid(grid_file, "rel").out_dir == str(Path.cwd() / "rel")
+
+
 # ---------------------------------------------------------------------------------------------
 # 4. bad input: one line, exit 2, nothing on disk
 
@@ -350,18 +450,21 @@ BAD_TRAIN = {
     "epochs x": (["--epochs", "x"], "argument --epochs: invalid int value: 'x'; see --help"),
     "unknown option": (["--epoch", "3"], "unrecognized arguments: --epoch 3"),
     "kwargs": (["--method_kwargs", '{"nosuch": 1}'], "has no parameter(s) nosuch"),
+    "out under a file": (["--out_dir", "{tmp}/afile/runs"], "afile is a file, not a folder"),
 }
 
 
 @pytest.mark.parametrize("case", list(BAD_TRAIN))
 def test_bad_train_input_is_one_line_exit_2_and_nothing_written(case, tmp_path):
     argv, message = BAD_TRAIN[case]
-    rc, out, err = cli("train", *BASE_ARGS, *argv, "--out_dir", str(tmp_path / "runs"), "--data_dir",
-                       str(tmp_path / "data"))
+    (tmp_path / "afile").write_text("")
+    argv = [a.replace("{tmp}", str(tmp_path)) for a in argv]
+    rc, out, err = cli("train", *BASE_ARGS, "--out_dir", str(tmp_path / "runs"), "--data_dir", str(tmp_path / "data"),
+                       *argv)
     assert rc == 2, (out, err)
     assert err.count("\n") == 1 and "Traceback" not in err, err
     assert message in err, err
-    assert files_under(tmp_path) == []
+    assert files_under(tmp_path) == ["afile"]
 
 
 def test_debug_shows_the_traceback(tmp_path):
@@ -385,6 +488,13 @@ BAD_GRIDS = {
     "entry type": ({"methods": ["cutmix"]}, "methods entry 0 must be a mapping"),
     "top key": ({"runs": 3}, "unknown key(s) runs; valid: name, description"),
     "bad value": ({"base": {**TINY, "lr": -1}}, "RunConfig.lr = -1.0 is invalid"),
+    "reserved": ({"methods": [{"method": "cutmix", "run_id": "x"}]}, "run_id cannot be set here"),
+    "axis clash": ({"axes": {"method": ["mixup"]}}, "sets method, which the axes vary"),
+    "extended": ({"methods": [{"method": "cutmix", "extended": "maybe"}]}, "extended must be true or false"),
+    "label": ({"methods": [{"method": "cutmix", "label": None}]}, "label must be a string"),
+    "device": ({"base": {**TINY, "device": "cuda:3"}}, "cannot run: device 'cuda:3' is not available"),
+    "teacher": ({"methods": [{"method": "tokenmix"}]}, "cannot run:"),
+    "only": ({}, "--only 'zzz' matches none"),
 }
 
 
@@ -395,7 +505,7 @@ def test_bad_grids_are_one_line_exit_2(case, tmp_path):
             "methods": [{"method": "cutmix"}], **change}
     (tmp_path / "g.yaml").write_text(yaml.safe_dump(spec))
     for extra in (["--dry-run"], ["--launcher", "inprocess"]):
-        rc, out, err = cli("sweep", str(tmp_path / "g.yaml"), *extra)
+        rc, out, err = cli("sweep", str(tmp_path / "g.yaml"), *extra, *(["--only", "zzz"] if case == "only" else []))
         assert rc == 2 and err.count("\n") == 1 and message in err, err
     assert files_under(tmp_path) == ["g.yaml"]
 

@@ -249,6 +249,12 @@ def test_main_without_complete_runs_writes_nothing(tmp_path, capsys, setup):
         fake_run(runs, "unfinished", status=None)
         fake_run(runs, "failed", status="failed")
     figs = tmp_path / "figures"
+    if setup == "missing":  # a typo'd folder: one line, exit 2
+        with pytest.raises(SystemExit) as e:
+            main(["--runs", str(runs), "--figures", str(figs)])
+        assert e.value.code == 2 and "is not a folder" in capsys.readouterr().err
+        assert not figs.exists()
+        return
     assert main(["--runs", str(runs), "--figures", str(figs)]) == 0
     assert not figs.exists()
     out = capsys.readouterr().out

@@ -24,10 +24,12 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import os
 import sys
 import typing
 import warnings
+from pathlib import Path
 
 from tokenmix import methods
 from tokenmix.analysis.bench import format_results, run_suite, step_time_ratios
@@ -107,7 +109,9 @@ def _bench(argv: list[str]) -> int:
                                batch_size=args.batch_size, warmup=args.warmup, repeats=args.repeats,
                                memory=args.memory, device=args.device)
     except (ValueError, FileNotFoundError, RuntimeError) as e:
-        print(f"tokenmix: error: {e}", file=sys.stderr)
+        if os.environ.get("TOKENMIX_DEBUG", "") not in ("", "0"):
+            raise
+        print(f"tokenmix bench: error: {' '.join(str(e).split())}", file=sys.stderr)
         return 2
     print(format_results(res))
     return 0
@@ -131,11 +135,21 @@ def _teacher(argv: list[str]) -> int:
     p.add_argument("--device", default="auto")
     p.add_argument("--force", action="store_true", help="rebuild even if a valid cache exists")
     a = p.parse_args(argv)
+    for name, ok, rule in (("--img_size", a.img_size >= 1, ">= 1"), ("--epochs", a.epochs >= 1, ">= 1"),
+                           ("--batch_size", a.batch_size >= 1, ">= 1"), ("--top_k", a.top_k >= 1, ">= 1"),
+                           ("--lr", math.isfinite(a.lr) and a.lr > 0, "a finite number > 0"),
+                           ("--train_subset", a.train_subset >= 0, ">= 0 (0 = all)")):
+        if not ok:
+            p.error(f"argument {name}: must be {rule}, got {getattr(a, name[2:])}")
+    if a.checkpoint and not Path(a.checkpoint).exists():
+        p.error(f"argument --checkpoint: {a.checkpoint} does not exist (a tokenmix run folder or a .pt state dict)")
     try:
         build_teacher_maps(a.dataset, a.img_size, a.teacher, a.data_dir, a.path or None, a.checkpoint, a.epochs,
                            a.batch_size, a.lr, a.top_k, a.train_subset, force=a.force, device=a.device)
     except (ValueError, FileNotFoundError) as e:
-        print(f"tokenmix: error: {e}", file=sys.stderr)
+        if os.environ.get("TOKENMIX_DEBUG", "") not in ("", "0"):
+            raise
+        print(f"tokenmix teacher: error: {' '.join(str(e).split())}", file=sys.stderr)
         return 2
     return 0
 
@@ -145,9 +159,14 @@ USER_ERRORS: tuple[type[BaseException], ...] = (ConfigError, RunExistsError, Run
                                                 DamagedRecordError, FileNotFoundError)
 
 
+_shown: set[str] = set()
+
+
 def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
     if issubclass(category, RecordWarning):
-        print(f"tokenmix: warning: {message}", file=sys.stderr)
+        if str(message) not in _shown:  # readers may meet the same damaged file several times
+            _shown.add(str(message))
+            print(f"tokenmix: warning: {message}", file=sys.stderr)
     else:
         _default_showwarning(message, category, filename, lineno, file, line)
 
@@ -159,6 +178,9 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv or os.environ.get("TOKENMIX_DEBUG", "") not in ("", "0")
     argv = [a for a in argv if a != "--debug"]
+    before = os.environ.get("TOKENMIX_DEBUG")
+    if debug:
+        os.environ["TOKENMIX_DEBUG"] = "1"  # the subcommands that print their own errors re-raise
     warnings.showwarning = _show_warning
     try:
         return _dispatch(argv)
@@ -175,6 +197,10 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     finally:
         warnings.showwarning = _default_showwarning
+        if before is None:
+            os.environ.pop("TOKENMIX_DEBUG", None)
+        else:
+            os.environ["TOKENMIX_DEBUG"] = before
 
 
 def _dispatch(argv: list[str]) -> int:
@@ -185,6 +211,10 @@ def _dispatch(argv: list[str]) -> int:
     cmd, rest = argv[0], argv[1:]
     if cmd not in commands:
         print(f"tokenmix: unknown command {cmd!r}; valid: {', '.join(commands)}", file=sys.stderr)
+        return 2
+    if cmd in ("methods", "models") and rest:
+        print(f"tokenmix {cmd}: error: unexpected argument(s) {' '.join(rest)}; `tokenmix {cmd}` takes none",
+              file=sys.stderr)
         return 2
     if cmd == "methods":
         for name in methods.available():

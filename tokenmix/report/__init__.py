@@ -27,7 +27,7 @@ from tokenmix.report.tables import (ablation_markdown, ablation_table, markdown_
                                     results_markdown, results_table, summary_table)
 from tokenmix.report.tokenmix import OCCLUSION_METHODS, write_tokenmix_occlusion
 from tokenmix.train.config import CliParser
-from tokenmix.train.runs import list_runs
+from tokenmix.train.runs import folder_problem, list_runs
 
 #: files written by :func:`main` into the figures folder
 OUTPUTS: tuple[str, ...] = ("training_curves.png", "training_curves.svg", "results.md", "results.csv", "paired.csv")
@@ -120,6 +120,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--readme", default=None, metavar="FILE",
                    help="also paste the results table between the results markers of FILE (e.g. README.md)")
     args = p.parse_args(None if argv is None else list(argv))
+    if not Path(args.runs).is_dir():
+        p.error(f"argument --runs: {args.runs} is not a folder (of run records, e.g. results/fmnist_cpu)")
+    for name, folder in (("--figures", args.figures), ("--readme", Path(args.readme).parent if args.readme else None)):
+        if folder is not None and folder_problem(folder):
+            p.error(f"argument {name}: {folder_problem(folder)}")
+    if args.readme and not Path(args.readme).is_file():
+        p.error(f"argument --readme: {args.readme} is not a file")
     all_runs = list_runs(args.runs)
     n_complete = sum(r.complete for r in all_runs)
     if not n_complete:

@@ -42,7 +42,8 @@ from tokenmix.models import count_parameters, create_model
 from tokenmix.train.config import ConfigError, RunConfig
 from tokenmix.train.runs import (CHECKPOINT, CONFIG, METRICS, SUMMARY, RunExistsError, RunLockedError,
                                  atomic_torch_save, atomic_write_json, claim_run, config_diff, epoch_checkpoint_name,
-                                 format_diff, git_commit, load_checkpoint, load_run, lock_holder, write_metrics)
+                                 describe_owner, folder_problem, format_diff, git_commit, load_checkpoint, load_run, lock_holder,
+                                 write_metrics)
 
 EpochCallback = Callable[[int, dict[str, Any]], None]
 
@@ -210,11 +211,14 @@ def open_run_dir(cfg: RunConfig) -> tuple[Path, str]:
     path = Path(cfg.out_dir) / cfg.run_id
     if not (path / CONFIG).is_file():
         return path, "new"
-    run = load_run(path)
+    run = load_run(path, metrics=False)
     if not cfg.resume:
+        owner = None if run.complete else lock_holder(path)
+        if owner is not None:
+            raise RunLockedError(f"{path} is in use by {describe_owner(owner)}; wait for it to finish or stop it")
         what = "a finished run" if run.complete else "an unfinished run"
-        raise RunExistsError(f"{path} already holds {what}; pass resume=True to continue or reuse it, "
-                             f"or choose another run_id / out_dir (results are never overwritten)")
+        raise RunExistsError(f"{path} already holds {what}; pass resume=True (--resume true) to continue or reuse "
+                             f"it, or choose another run_id / out_dir (results are never overwritten)")
     diff = config_diff(run.config, cfg.to_dict(), RunConfig.defaults())
     if diff:
         raise RunExistsError(f"cannot resume {path}: its recorded config differs in {format_diff(diff)}; "
@@ -229,10 +233,12 @@ def plan_run(cfg: RunConfig) -> str:
     "resume", "done" or "busy: <owner>" (another process holds the run). Raises what ``train``
     would raise for bad input (``ConfigError``, ``RunExistsError``, ``TeacherCacheError``, ...)."""
     resolve_device(cfg.device)
+    if folder_problem(cfg.out_dir):
+        raise ConfigError(f"RunConfig.out_dir {cfg.out_dir!r}: {folder_problem(cfg.out_dir)}")
     preflight(cfg)
     path, state = open_run_dir(cfg) if cfg.run_id else (None, "new")
     owner = lock_holder(path) if path is not None else None
-    return state if owner is None else f"busy: {owner.get('pid')} on {owner.get('host')}"
+    return state if owner is None else f"busy: in use by {describe_owner(owner)}"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -321,6 +327,8 @@ def train(cfg: RunConfig, callbacks: Sequence[EpochCallback] = ()) -> dict[str, 
         if dinfo.enabled:
             dist.broadcast_object_list(rid, src=0)
         cfg = cfg.replace(run_id=rid[0])
+    if folder_problem(cfg.out_dir):
+        raise ConfigError(f"RunConfig.out_dir {cfg.out_dir!r}: {folder_problem(cfg.out_dir)}")
     run_dir, state = open_run_dir(cfg)
     if state == "done":  # a complete record never changes: no lock needed to read it
         if dinfo.is_main:

@@ -34,7 +34,14 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from filelock import FileLock, Timeout
+from filelock import FileLock, Timeout, UnixFileLock
+
+#: the lock class: flock on POSIX (released by the kernel when its process dies; no silent soft-lock
+#: fallback), the platform's native lock elsewhere
+_LockClass = UnixFileLock if os.name == "posix" else FileLock
+#: seconds a lock attempt waits: long enough that a probe (``lock_holder``) never refuses a real
+#: claim, short enough that a refusal is immediate for a user
+LOCK_WAIT = 1.0
 
 CONFIG, METRICS, SUMMARY, CHECKPOINT = "config.json", "metrics.jsonl", "summary.json", "checkpoint.pt"
 LOCK, LOCK_OWNER = ".lock", ".lock-owner.json"
@@ -65,6 +72,20 @@ class DamagedRecordError(ValueError):
 
 class RecordWarning(UserWarning):
     """A damaged record was skipped or repaired in memory by a reader."""
+
+
+def folder_problem(path: str | Path) -> str:
+    """Why files cannot be written under the folder ``path`` (made if missing), or "" when they can:
+    its nearest existing ancestor must be a writable folder."""
+    here = Path(path).expanduser().absolute()
+    for d in (here, *here.parents):
+        if d.exists():
+            if not d.is_dir():
+                return f"{d} is a file, not a folder, so {here} cannot be made"
+            if not os.access(d, os.W_OK | os.X_OK):
+                return f"{d} is not writable by this user, so nothing can be written under {here}"
+            return ""
+    return ""
 
 
 def _tmp_name(path: Path) -> Path:
@@ -167,8 +188,9 @@ def _advice(path: Path, what: str) -> str:
     if path.name == CONFIG:
         return f"move the folder {path.parent} away: without its config the run cannot be resumed or reported"
     if path.name == CHECKPOINT:
-        return ("delete it to retrain the run from epoch 1 with the same config (`--resume true`), or restore it "
-                "from a copy")
+        return ("an unfinished run: delete it to retrain the run from epoch 1 with the same config "
+                "(`--resume true`); a finished run's record stays usable without it (only checkpoint analyses "
+                "need it); or restore it from a copy")
     return f"restore the {what} from a copy or delete it"
 
 
@@ -200,9 +222,9 @@ def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
                 raise ValueError(f"a {type(rec).__name__}, not an epoch record")
         except ValueError as e:
             if n < len(lines):
-                raise DamagedRecordError(f"{path} is damaged (line {n} of {len(lines)}: {e}); resume the run "
-                                         f"(`--resume true`) to rewrite it from the checkpoint, or restore it "
-                                         f"from a copy") from None
+                raise DamagedRecordError(f"{path} is damaged (line {n} of {len(lines)}: {e}); an unfinished run: "
+                                         f"resume it (`--resume true`) to rewrite the file from the checkpoint; "
+                                         f"a finished one: restore it from a copy") from None
             ckpt = Path(run_dir) / CHECKPOINT
             history = load_checkpoint(ckpt).get("history") if ckpt.is_file() else None
             if history and len(history) >= len(lines):
@@ -216,8 +238,10 @@ def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
     return out
 
 
-def load_run(path: str | Path) -> Run:
-    """Read a run folder.
+def load_run(path: str | Path, metrics: bool = True) -> Run:
+    """Read a run folder; ``metrics=False`` leaves ``metrics.jsonl`` unread (``Run.metrics`` empty:
+    what deciding to start, resume or skip a run needs, so that a resume can rewrite a damaged
+    metrics file from the checkpoint).
 
     Raises:
         FileNotFoundError: it has no ``config.json``.
@@ -228,11 +252,44 @@ def load_run(path: str | Path) -> Run:
         raise FileNotFoundError(f"{path} holds no run record ({CONFIG} missing)")
     config = read_json(path / CONFIG, "config")
     summary = read_json(path / SUMMARY, "summary") if (path / SUMMARY).is_file() else None
+    check_record(path, config, summary)
+    return Run(path, config, read_metrics(path) if metrics else [], summary)
+
+
+#: what every ``config.json`` holds, and a complete ``summary.json`` (with its value types)
+CONFIG_KEYS: tuple[str, ...] = ("method",)
+#: numbers of a complete summary that must be numbers where present
+SUMMARY_KEYS: dict[str, tuple[type, ...]] = {"final_top1": (int, float), "epochs": (int,)}
+
+
+def check_record(path: Path, config: Any, summary: Any) -> None:
+    """Raise :class:`DamagedRecordError` when ``config.json`` or ``summary.json`` parse but are not
+    a run's record (not an object, fields missing, a complete summary without its numbers)."""
     for name, obj in ((CONFIG, config), (SUMMARY, summary)):
         if obj is not None and not isinstance(obj, dict):
             raise DamagedRecordError(f"{path / name} is damaged (a JSON {type(obj).__name__}, not an object); "
                                      f"{_advice(path / name, name)}")
-    return Run(path, config, read_metrics(path), summary)
+    missing = [k for k in CONFIG_KEYS if k not in config]
+    if missing:
+        raise DamagedRecordError(f"{path / CONFIG} is damaged (no {', '.join(missing)}); {_advice(path / CONFIG, 'config')}")
+    if summary and summary.get("status") == "complete":
+        bad = [k for k, t in SUMMARY_KEYS.items()
+               if k in summary and (not isinstance(summary[k], t) or isinstance(summary[k], bool))]
+        if bad:
+            raise DamagedRecordError(f"{path / SUMMARY} is damaged (status complete but {', '.join(bad)} not a "
+                                     f"number); {_advice(path / SUMMARY, 'summary')}")
+
+
+def checkpoint_readable(path: str | Path) -> bool:
+    """Whether a checkpoint file is a whole archive (``torch.save``'s zip: its central directory
+    at the end is present), checked without loading it."""
+    import zipfile
+
+    try:
+        with zipfile.ZipFile(path) as z:
+            return bool(z.namelist())
+    except (OSError, zipfile.BadZipFile):
+        return False
 
 
 def list_runs(root: str | Path = "runs", damaged: str = "warn") -> list[Run]:
@@ -294,19 +351,9 @@ def process_token() -> str:
     return _TOKEN
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # alive, another user's
-        return True
-    return True
-
-
 def describe_owner(owner: Mapping[str, Any] | None) -> str:
     if not owner:
-        return "another process (its owner record is not written yet or unreadable)"
+        return "another process (which has not written its owner record yet)"
     return (f"process {owner.get('pid')} on host {owner.get('host')} (since {owner.get('since')}: "
             f"{owner.get('command', '')[:120]})")
 
@@ -340,7 +387,7 @@ class RunLock:
         self.run_dir = Path(run_dir)
         self.log = log or (lambda m: print(m, file=sys.stderr, flush=True))
         self.took_over: dict[str, Any] | None = None
-        self._lock: FileLock | None = None
+        self._lock: Any = None
         self._created = False
 
     @property
@@ -350,33 +397,33 @@ class RunLock:
     def acquire(self) -> "RunLock":
         if self._lock is not None:
             return self
-        self._created = not self.run_dir.exists()
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        lock = FileLock(str(self.run_dir / LOCK), timeout=0)
+        try:
+            self.run_dir.mkdir(parents=True)
+            created = True
+        except FileExistsError:
+            created = False
+        lock = _LockClass(str(self.run_dir / LOCK), timeout=LOCK_WAIT)
         try:
             lock.acquire()
         except Timeout:
-            self._cleanup_folder()
             raise RunLockedError(f"{self.run_dir} is in use by {describe_owner(read_owner(self.run_dir))}; wait "
                                  f"for it to finish or stop it (two processes on one run would mix their "
                                  f"records)") from None
+        self._created = created
         previous = read_owner(self.run_dir)
         me = process_token()
         if previous and previous.get("token") != me:
-            same_host = previous.get("host") == socket.gethostname()
-            if same_host and isinstance(previous.get("pid"), int) and _pid_alive(previous["pid"]) \
-                    and previous["pid"] != os.getpid():
-                lock.release()
-                raise RunLockedError(
-                    f"{self.run_dir}: the lock was granted although its owner record names live process "
-                    f"{previous['pid']} on this host; the filesystem does not seem to enforce file locks "
-                    f"(run one process per run, e.g. split a sweep with --only)")
+            # we hold the flock, so its previous holder is gone (killed, or its pid now another process's)
             self.took_over = previous
             self.log(f"[tokenmix] {self.run_dir}: taking over the lock left by {describe_owner(previous)}, "
-                     f"which {'is no longer running' if same_host else 'released it without cleaning up'}")
-        atomic_write_json(self.run_dir / LOCK_OWNER, {
-            "host": socket.gethostname(), "pid": os.getpid(), "token": me,
-            "since": time.strftime("%Y-%m-%dT%H:%M:%S"), "command": " ".join(sys.argv)})
+                     f"which no longer holds it (the process ended without releasing it)")
+        try:
+            atomic_write_json(self.run_dir / LOCK_OWNER, {
+                "host": socket.gethostname(), "pid": os.getpid(), "token": me,
+                "since": time.strftime("%Y-%m-%dT%H:%M:%S"), "command": " ".join(sys.argv)})
+        except BaseException:
+            lock.release()
+            raise
         self._lock = lock
         return self
 
@@ -384,19 +431,20 @@ class RunLock:
         if self._lock is None:
             return
         (self.run_dir / LOCK_OWNER).unlink(missing_ok=True)
-        self._lock.release()
-        self._lock = None
-        self._cleanup_folder()
-
-    def _cleanup_folder(self) -> None:
-        if self._created and self.run_dir.is_dir() and {p.name for p in self.run_dir.iterdir()} <= {LOCK, LOCK_OWNER}:
-            for name in (LOCK_OWNER, LOCK):
-                (self.run_dir / name).unlink(missing_ok=True)
+        if self._created and {p.name for p in self.run_dir.iterdir()} <= {LOCK}:
+            # a folder this process made that holds nothing but the lock (a run refused after the
+            # lock): removed while still held (a process that opened the old file finds it unlinked
+            # and retries on a new one), so nothing is left behind
+            (self.run_dir / LOCK).unlink(missing_ok=True)
+            self._lock.release()
             try:
                 self.run_dir.rmdir()
             except OSError:
                 pass
-            self._created = False
+        else:
+            self._lock.release()
+        self._lock = None
+        self._created = False
 
     def verify(self) -> None:
         """Nothing to check: this process holds the lock (the same call as :meth:`JoinedClaim.verify`)."""
@@ -411,16 +459,19 @@ class RunLock:
 
 
 def lock_holder(run_dir: str | Path) -> dict[str, Any] | None:
-    """The owner record of a live lock on ``run_dir`` ({} when unreadable), or None when the folder
-    is free. Writes nothing (a folder without ``.lock`` is free)."""
+    """The owner record of a live lock on ``run_dir`` ({} when it has none yet), or None when the
+    folder is free. Creates no file; to probe, it takes the lock for an instant (a real claim
+    waits :data:`LOCK_WAIT` seconds, so a probe never makes it fail)."""
     path = Path(run_dir) / LOCK
     if not path.is_file():
         return None
-    lock = FileLock(str(path), timeout=0)
+    lock = _LockClass(str(path), timeout=0)
     try:
         lock.acquire()
     except Timeout:
         return read_owner(run_dir) or {}
+    except OSError:  # e.g. a read-only shared folder: the lock cannot be probed
+        return None
     lock.release()
     return None
 
@@ -438,12 +489,9 @@ class JoinedClaim:
     def verify(self) -> None:
         if self.lock is not None:
             return
-        pid, host = self.owner.get("pid"), self.owner.get("host")
-        if host == socket.gethostname() and isinstance(pid, int) and _pid_alive(pid):
-            return
-        if host != socket.gethostname() and lock_holder(self.run_dir) is not None \
-                and (read_owner(self.run_dir) or {}).get("token") == self.owner.get("token"):
-            return  # the parent on another host still holds it
+        holder = lock_holder(self.run_dir)
+        if holder is not None and holder.get("token") == self.owner.get("token"):
+            return  # the parent still holds the run
         try:
             self.lock = RunLock(self.run_dir, self.log).acquire()
         except RunLockedError as e:

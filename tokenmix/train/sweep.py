@@ -65,12 +65,12 @@ from pathlib import Path
 import yaml
 
 from tokenmix import methods
-from tokenmix.methods.teacher_maps import cache_dir
+from tokenmix.methods.teacher_maps import TeacherCacheError, cache_dir
 from tokenmix.train.config import CliParser, ConfigError, RunConfig
-from tokenmix.train.engine import train
-from tokenmix.train.runs import (LOCK_TOKEN_ENV, SUMMARY, DamagedRecordError, RunLock, RunLockedError, config_diff,
-                                 describe_owner, format_diff, load_run, lock_holder, process_token, read_json,
-                                 atomic_write_json)
+from tokenmix.train.engine import preflight, resolve_device, train
+from tokenmix.train.runs import (CHECKPOINT, LOCK_TOKEN_ENV, SUMMARY, DamagedRecordError, RunLock, RunLockedError,
+                                 atomic_write_json, checkpoint_readable, config_diff, describe_owner, folder_problem,
+                                 format_diff, load_run, lock_holder, process_token, read_json)
 from tokenmix.train.teacher import build_teacher_maps
 
 #: the training notebook of the repository (the default ``notebook`` of a grid)
@@ -135,6 +135,17 @@ def _mapping(obj: object, where: str) -> dict:
     return dict(obj)
 
 
+#: RunConfig fields a sweep sets itself (a grid file may not)
+RESERVED: tuple[str, ...] = ("out_dir", "run_id", "resume")
+
+
+def _no_reserved(keys: object, where: str) -> None:
+    bad = sorted(set(map(str, keys)) & set(RESERVED))  # type: ignore[call-overload]
+    if bad:
+        raise ConfigError(f"{where}: {', '.join(bad)} cannot be set here (the sweep sets them: the grid's out_dir, "
+                          f"run ids <dataset>-<model>-<label>-s<seed>, resume on)")
+
+
 def load_grid(path: str | Path, out_dir: str | None = None, extended: bool = True) -> Grid:
     """Parse and validate a grid file (see the module docstring); ``extended=False`` leaves out the
     method entries marked ``extended: true``. Relative ``out_dir``, ``notebook`` and ``data_dir``
@@ -161,7 +172,8 @@ def load_grid(path: str | Path, out_dir: str | None = None, extended: bool = Tru
     name = str(spec.get("name") or path.stem)
     if not re.fullmatch(r"[\w.+-]+", name):
         raise ConfigError(f"{path}: name {name!r} must be letters, digits or ._+-")
-    grid_out = out_dir or str(root / str(spec.get("out_dir") or f"runs/{name}"))
+    grid_out = str(Path(out_dir).expanduser().absolute() if out_dir
+                   else root / Path(str(spec.get("out_dir") or f"runs/{name}")).expanduser())
     grid = Grid(name, str(spec.get("description", "")).strip(), grid_out,
                 str(root / str(spec["notebook"])) if spec.get("notebook") else str(NOTEBOOK), root=str(root))
     if "\x00" in grid.notebook + grid.out_dir or not Path(grid.notebook).is_file():
@@ -174,6 +186,7 @@ def load_grid(path: str | Path, out_dir: str | None = None, extended: bool = Tru
         bad = sorted(set(map(str, keys)) - fields)
         if bad:
             raise ConfigError(f"{where}: unknown RunConfig key(s) {', '.join(bad)}; valid: {valid}")
+        _no_reserved(keys, where)
     if not isinstance(spec.get("regimes") or [], list):
         raise ConfigError(f"{path}: regimes must be a list of mappings, got {spec['regimes']!r}")
     regimes = [_mapping(r, f"{path}: regime {k}") for k, r in enumerate(spec.get("regimes") or [{}])]
@@ -185,6 +198,7 @@ def load_grid(path: str | Path, out_dir: str | None = None, extended: bool = Tru
             bad = sorted(set(map(str, r)) - fields)
             if bad:
                 raise ConfigError(f"{path}: regime {name_!r}: unknown RunConfig key(s) {', '.join(bad)}; valid: name, {valid}")
+            _no_reserved(r, f"{path}: regime {name_!r}")
             r["name"] = str(name_)
     if len({r.get("name") for r in regimes}) < len(regimes):
         raise ConfigError(f"{path}: regime names must differ: {[r.get('name') for r in regimes]}")
@@ -202,6 +216,15 @@ def load_grid(path: str | Path, out_dir: str | None = None, extended: bool = Tru
         if bad:
             raise ConfigError(f"{path}: methods entry {i} ({entry.get('method', '?')}): unknown key(s) "
                               f"{', '.join(bad)}; valid: {', '.join(ENTRY_KEYS)}, {valid}")
+        where_e = f"{path}: methods entry {i} ({entry.get('method', '?')})"
+        _no_reserved(entry, where_e)
+        clash = sorted(set(entry) & set(axes))
+        if clash:
+            raise ConfigError(f"{where_e} sets {', '.join(clash)}, which the axes vary; set it in one place")
+        if not isinstance(entry.get("extended", False), bool):
+            raise ConfigError(f"{where_e}: extended must be true or false, got {entry['extended']!r}")
+        if "label" in entry and not isinstance(entry["label"], str):
+            raise ConfigError(f"{where_e}: label must be a string, got {entry['label']!r}")
         if entry.pop("extended", False) and not extended:
             continue
         label = str(entry.pop("label", entry.get("method", base.get("method", "cutmix"))))
@@ -212,8 +235,8 @@ def load_grid(path: str | Path, out_dir: str | None = None, extended: bool = Tru
             fields_ = {**base, **regime, **dict(zip(axes, combo)), **entry}
             where = f"cell {i} ({label}{', ' + regime_name if regime_name else ''}, {dict(zip(axes, combo))})"
             data_dir = fields_.get("data_dir", RunConfig.defaults()["data_dir"])
-            if isinstance(data_dir, str) and data_dir and not Path(data_dir).is_absolute():
-                fields_["data_dir"] = str(root / data_dir)
+            if isinstance(data_dir, str) and data_dir:
+                fields_["data_dir"] = str(root / Path(data_dir).expanduser())
             try:
                 cfg = RunConfig.from_dict({**fields_, "out_dir": grid.out_dir, "run_id": "", "resume": True})
                 middle = f"{regime_name}-{label}" if regime_name else label
@@ -253,6 +276,9 @@ def cell_status(cell: Cell, detail: bool = False, check_lock: bool = True) -> st
                 out = ("stale", f"its record differs in {format_diff(diff)}")
             elif run.complete:
                 out = ("complete", f"top-1 {run.summary.get('final_top1', float('nan')):.2f} %")
+            elif (run_dir / CHECKPOINT).is_file() and not checkpoint_readable(run_dir / CHECKPOINT):
+                out = ("damaged", f"{run_dir / CHECKPOINT} is damaged (a truncated or corrupted archive); delete it to "
+                                  f"retrain the run from epoch 1, or restore it from a copy")
             elif run.summary and run.summary.get("status") == "failed":
                 out = ("failed", str(run.summary.get("error", "")))
             else:
@@ -260,6 +286,33 @@ def cell_status(cell: Cell, detail: bool = False, check_lock: bool = True) -> st
     except DamagedRecordError as e:
         out = ("damaged", str(e))
     return out if detail else out[0]
+
+
+def check_cells(cells: Sequence[Cell], statuses: Sequence[str] | None = None) -> None:
+    """What ``train`` checks before it writes, for every cell still to run: the output folder can
+    be written, the device exists on this machine, the dataset's files and the method's inputs
+    (e.g. TokenMix's teacher cache) are there and the method runs with the model
+    (:func:`~tokenmix.train.engine.preflight`; once per configuration, seeds aside).
+
+    Raises:
+        ConfigError: naming the first cell that cannot run and why.
+    """
+    seen: set[str] = set()
+    for k, cell in enumerate(cells):
+        if statuses is not None and statuses[k] in ("complete", "stale", "damaged", "busy"):
+            continue
+        cfg = cell.config
+        key = json.dumps({**cfg.to_dict(), "seed": 0, "run_id": ""}, sort_keys=True, default=str)
+        if key in seen:
+            continue
+        seen.add(key)
+        try:
+            if folder_problem(cfg.out_dir):
+                raise ConfigError(f"out_dir: {folder_problem(cfg.out_dir)}")
+            resolve_device(cfg.device)
+            preflight(cfg)
+        except (ConfigError, TeacherCacheError) as e:
+            raise ConfigError(f"cell {cell.run_id} cannot run: {e}") from e
 
 
 # ---------------------------------------------------------------------------------------------
@@ -349,15 +402,21 @@ def run_sweep(grid: Grid, launcher: str = "papermill", nproc: int = 1, cwd: str 
         except RunLockedError as e:
             log(f"{head}: busy, left to its owner ({str(e).split(' is in use by ')[-1].split(';')[0]})")
             return CellResult(cell.run_id, "busy", error=str(e))
+        except OSError as e:  # the folder cannot be made or locked: nothing to record into
+            log(f"{head}: FAILED: cannot claim {run_dir}: {e}")
+            return CellResult(cell.run_id, "failed", error=str(e))
         try:
             state, why = cell_status(cell, detail=True, check_lock=False)
             if state == "complete":
                 top1 = load_run(run_dir).summary.get("final_top1")
                 log(f"{head}: complete ({why}), skipped")
                 return CellResult(cell.run_id, "skipped", top1=top1)
-            if state in ("stale", "damaged"):
-                log(f"{head}: {state.upper()}, left untouched: {why} (move the folder away to rerun the cell, "
+            if state == "stale":
+                log(f"{head}: STALE, left untouched: {why} (move the folder away to rerun the cell, "
                     f"or give the new settings another label)")
+                return CellResult(cell.run_id, state, error=why)
+            if state == "damaged":
+                log(f"{head}: DAMAGED, left untouched: {why}")
                 return CellResult(cell.run_id, state, error=why)
             log(f"{head}: {'resuming' if state in ('partial', 'failed') else 'starting'} "
                 f"({cell.config.method}, {cell.config.epochs} epochs)")
@@ -372,6 +431,9 @@ def run_sweep(grid: Grid, launcher: str = "papermill", nproc: int = 1, cwd: str 
                 raise RuntimeError(f"the run ended without a complete record (status {summary.get('status')!r})")
         except Exception as e:  # noqa: BLE001 -- one failing cell must not stop the sweep
             message, tb = _error_text(e)
+            if message.startswith("DamagedRecordError"):  # found by the run: its record is left as it is
+                log(f"{head}: DAMAGED, left untouched: {message}")
+                return CellResult(cell.run_id, "damaged", time.perf_counter() - t0, error=message)
             try:
                 _record_failure(cell, message, tb)
             except OSError as e2:
@@ -455,12 +517,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         p.error("argument --jobs: > 1 needs the papermill or torchrun launcher, not inprocess")
     try:
         grid = load_grid(args.grid, args.out_dir, extended=not args.core)
+        cells = [c for c in grid.cells if args.only in c.run_id]
+        if not cells:
+            raise ConfigError(f"--only {args.only!r} matches none of the {len(grid.cells)} cells of {args.grid}")
+        status = [cell_status(c, detail=True) for c in cells]
+        if not args.smoke:
+            check_cells(cells, [st for st, _ in status])
     except (ConfigError, OSError) as e:
+        if os.environ.get("TOKENMIX_DEBUG", "") not in ("", "0"):
+            raise
         print(f"tokenmix sweep: error: {' '.join(str(e).split())}", file=sys.stderr)
         return 2
     if args.dry_run:
-        cells = [c for c in grid.cells if args.only in c.run_id]
-        status = [cell_status(c, detail=True) for c in cells]
         counts = {k: sum(s == k for s, _ in status) for k in STATUSES}
         print(f"{grid.name}: {len(cells)} cells -> {grid.out_dir}/ ("
               + ", ".join(f"{v} {k}" for k, v in counts.items() if v) + ")")
@@ -471,5 +539,5 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 1 if any(r.status in ("failed", "stale", "damaged") for r in results) else 0
 
 
-__all__ = ["Cell", "CellResult", "Grid", "LAUNCHERS", "STATUSES", "cell_status", "grid_root", "load_grid", "main",
+__all__ = ["Cell", "CellResult", "Grid", "LAUNCHERS", "STATUSES", "cell_status", "check_cells", "grid_root", "load_grid", "main",
            "run_sweep", "smoke_config", "smoke_test"]

@@ -138,6 +138,23 @@ def test_probing_a_lock_never_makes_a_real_claim_fail(tmp_path):
         t.join()
 
 
+def test_a_claim_waiting_while_the_holder_removes_its_empty_folder_gets_the_lock(tmp_path):
+    import threading
+
+    for k in range(20):
+        run_dir = tmp_path / f"r{k}"
+        holder = RunLock(run_dir).acquire()  # made the folder; holds nothing else
+        got: list[object] = []
+        t = threading.Thread(target=lambda: got.append(RunLock(run_dir).acquire()))
+        t.start()
+        time.sleep(0.05)
+        holder.release()  # removes the empty folder while the other waits
+        t.join()
+        assert isinstance(got[0], RunLock) and got[0].held
+        got[0].release()
+        assert not run_dir.exists()
+
+
 def test_a_refused_claim_leaves_the_holders_files(tmp_path):
     run_dir = tmp_path / "fresh"
     holder = start_holder(run_dir)  # the holder made the folder

@@ -397,18 +397,25 @@ class RunLock:
     def acquire(self) -> "RunLock":
         if self._lock is not None:
             return self
-        try:
-            self.run_dir.mkdir(parents=True)
-            created = True
-        except FileExistsError:
-            created = False
-        lock = _LockClass(str(self.run_dir / LOCK), timeout=LOCK_WAIT)
-        try:
-            lock.acquire()
-        except Timeout:
-            raise RunLockedError(f"{self.run_dir} is in use by {describe_owner(read_owner(self.run_dir))}; wait "
-                                 f"for it to finish or stop it (two processes on one run would mix their "
-                                 f"records)") from None
+        for _ in range(20):  # a holder that made the folder may remove it (empty) while we wait: retry
+            try:
+                self.run_dir.mkdir(parents=True)
+                created = True
+            except FileExistsError:
+                created = False
+            lock = _LockClass(str(self.run_dir / LOCK), timeout=LOCK_WAIT)
+            try:
+                lock.acquire()
+                break
+            except Timeout:
+                raise RunLockedError(f"{self.run_dir} is in use by {describe_owner(read_owner(self.run_dir))}; wait "
+                                     f"for it to finish or stop it (two processes on one run would mix their "
+                                     f"records)") from None
+            except FileNotFoundError:
+                continue
+        else:
+            raise RunLockedError(f"{self.run_dir}: the folder kept disappearing while its lock was taken "
+                                 f"(other processes claiming and removing it); try again")
         self._created = created
         previous = read_owner(self.run_dir)
         me = process_token()

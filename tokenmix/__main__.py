@@ -36,7 +36,7 @@ from tokenmix.analysis.bench import format_results, run_suite, step_time_ratios
 from tokenmix.methods.teacher_maps import DEFAULT_TEACHER, TeacherCacheError
 from tokenmix.models import CCT_PRESETS, CNN_PRESETS, PRESETS, TIMM_FAMILIES, TINY_MODELS, available_models
 from tokenmix.report import main as report_main
-from tokenmix.train.config import CliParser, ConfigError, RunConfig
+from tokenmix.train.config import CliParser, ConfigError, RunConfig, debug_enabled
 from tokenmix.train.engine import plan_run, train
 from tokenmix.train.runs import DamagedRecordError, RecordWarning, RunExistsError, RunLockedError
 from tokenmix.train.sweep import main as sweep_main
@@ -109,7 +109,7 @@ def _bench(argv: list[str]) -> int:
                                batch_size=args.batch_size, warmup=args.warmup, repeats=args.repeats,
                                memory=args.memory, device=args.device)
     except (ValueError, FileNotFoundError, RuntimeError) as e:
-        if os.environ.get("TOKENMIX_DEBUG", "") not in ("", "0"):
+        if debug_enabled():
             raise
         print(f"tokenmix bench: error: {' '.join(str(e).split())}", file=sys.stderr)
         return 2
@@ -147,7 +147,7 @@ def _teacher(argv: list[str]) -> int:
         build_teacher_maps(a.dataset, a.img_size, a.teacher, a.data_dir, a.path or None, a.checkpoint, a.epochs,
                            a.batch_size, a.lr, a.top_k, a.train_subset, force=a.force, device=a.device)
     except (ValueError, FileNotFoundError) as e:
-        if os.environ.get("TOKENMIX_DEBUG", "") not in ("", "0"):
+        if debug_enabled():
             raise
         print(f"tokenmix teacher: error: {' '.join(str(e).split())}", file=sys.stderr)
         return 2
@@ -176,7 +176,7 @@ _default_showwarning = warnings.showwarning
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    debug = "--debug" in argv or os.environ.get("TOKENMIX_DEBUG", "") not in ("", "0")
+    debug = "--debug" in argv or debug_enabled()
     argv = [a for a in argv if a != "--debug"]
     before = os.environ.get("TOKENMIX_DEBUG")
     if debug:

@@ -10,6 +10,7 @@ import argparse
 import dataclasses
 import json
 import math
+import os
 import re
 import sys
 import typing
@@ -29,6 +30,11 @@ class ConfigError(ValueError):
 
 #: the largest token grid a run may ask for (side x side tokens), e.g. 384 px at patch 4 is 96 x 96
 MAX_TOKENS = 96 * 96
+
+
+def debug_enabled() -> bool:
+    """Whether user errors should show their traceback (``--debug`` or ``TOKENMIX_DEBUG=1``)."""
+    return os.environ.get("TOKENMIX_DEBUG", "") not in ("", "0")
 
 
 class CliParser(argparse.ArgumentParser):

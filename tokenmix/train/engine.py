@@ -232,9 +232,6 @@ def plan_run(cfg: RunConfig) -> str:
     """What ``train(cfg)`` would do, checked as ``train`` checks it and writing nothing: "new",
     "resume", "done" or "busy: <owner>" (another process holds the run). Raises what ``train``
     would raise for bad input (``ConfigError``, ``RunExistsError``, ``TeacherCacheError``, ...)."""
-    resolve_device(cfg.device)
-    if folder_problem(cfg.out_dir):
-        raise ConfigError(f"RunConfig.out_dir {cfg.out_dir!r}: {folder_problem(cfg.out_dir)}")
     preflight(cfg)
     path, state = open_run_dir(cfg) if cfg.run_id else (None, "new")
     owner = lock_holder(path) if path is not None else None
@@ -265,7 +262,8 @@ def check_batch(batch_size: int, world_size: int = 1) -> int:
 
 def preflight(cfg: RunConfig, world_size: int = 1, method: MixMethod | None = None) -> None:
     """Check everything about ``cfg`` that can be checked before any work starts (no data loaded,
-    nothing written): the dataset's files (:func:`tokenmix.data.check_dataset`), the method's parameters against the model (token grid, window and block
+    nothing written): the device (on this machine), the output folder (writable), the dataset's files
+    (:func:`tokenmix.data.check_dataset`), the method's parameters against the model (token grid, window and block
     sizes, layer indices), the per-process batch, the method's inputs (TokenMix's teacher cache:
     present, and built from the same training images) and one dry training step of the method on
     random data (no backward). The global RNG state is left untouched.
@@ -282,6 +280,9 @@ def preflight(cfg: RunConfig, world_size: int = 1, method: MixMethod | None = No
     info = dataset_info(cfg.dataset)
     what = f"method {cfg.method!r} ({cfg.variant}) with model {cfg.model!r} at {cfg.img_size} px"
     per = check_batch(cfg.batch_size, world_size)
+    resolve_device(cfg.device)
+    if folder_problem(cfg.out_dir):
+        raise ConfigError(f"RunConfig.out_dir {cfg.out_dir!r}: {folder_problem(cfg.out_dir)}")
     try:
         check_dataset(cfg.dataset, cfg.data_dir, cfg.download)
     except FileNotFoundError as e:
@@ -327,8 +328,6 @@ def train(cfg: RunConfig, callbacks: Sequence[EpochCallback] = ()) -> dict[str, 
         if dinfo.enabled:
             dist.broadcast_object_list(rid, src=0)
         cfg = cfg.replace(run_id=rid[0])
-    if folder_problem(cfg.out_dir):
-        raise ConfigError(f"RunConfig.out_dir {cfg.out_dir!r}: {folder_problem(cfg.out_dir)}")
     run_dir, state = open_run_dir(cfg)
     if state == "done":  # a complete record never changes: no lock needed to read it
         if dinfo.is_main:

@@ -66,10 +66,10 @@ import yaml
 
 from tokenmix import methods
 from tokenmix.methods.teacher_maps import TeacherCacheError, cache_dir
-from tokenmix.train.config import CliParser, ConfigError, RunConfig
-from tokenmix.train.engine import preflight, resolve_device, train
+from tokenmix.train.config import CliParser, ConfigError, RunConfig, debug_enabled
+from tokenmix.train.engine import preflight, train
 from tokenmix.train.runs import (CHECKPOINT, LOCK_TOKEN_ENV, SUMMARY, DamagedRecordError, RunLock, RunLockedError,
-                                 atomic_write_json, checkpoint_readable, config_diff, describe_owner, folder_problem,
+                                 atomic_write_json, checkpoint_readable, config_diff, describe_owner,
                                  format_diff, load_run, lock_holder, process_token, read_json)
 from tokenmix.train.teacher import build_teacher_maps
 
@@ -307,9 +307,6 @@ def check_cells(cells: Sequence[Cell], statuses: Sequence[str] | None = None) ->
             continue
         seen.add(key)
         try:
-            if folder_problem(cfg.out_dir):
-                raise ConfigError(f"out_dir: {folder_problem(cfg.out_dir)}")
-            resolve_device(cfg.device)
             preflight(cfg)
         except (ConfigError, TeacherCacheError) as e:
             raise ConfigError(f"cell {cell.run_id} cannot run: {e}") from e
@@ -524,7 +521,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if not args.smoke:
             check_cells(cells, [st for st, _ in status])
     except (ConfigError, OSError) as e:
-        if os.environ.get("TOKENMIX_DEBUG", "") not in ("", "0"):
+        if debug_enabled():
             raise
         print(f"tokenmix sweep: error: {' '.join(str(e).split())}", file=sys.stderr)
         return 2

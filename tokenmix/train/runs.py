@@ -416,7 +416,9 @@ class RunLock:
         else:
             raise RunLockedError(f"{self.run_dir}: the folder kept disappearing while its lock was taken "
                                  f"(other processes claiming and removing it); try again")
-        self._created = created
+        # a folder holding nothing but the lock is no run's (ours, or made by a claimant that lost the
+        # race): it is removed again at release if it is still empty then
+        self._created = created or {q.name for q in self.run_dir.iterdir()} <= {LOCK, LOCK_OWNER}
         previous = read_owner(self.run_dir)
         me = process_token()
         if previous and previous.get("token") != me:
